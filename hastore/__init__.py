@@ -1,0 +1,2 @@
+"""hastore: two-node storage failover."""
+__version__ = "0.1.0"

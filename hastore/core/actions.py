@@ -1,0 +1,71 @@
+"""Outputs of the engine: what the shell must do. Frozen dataclasses, executed in order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Send:
+    link: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Ping:
+    address: str
+
+
+@dataclass(frozen=True)
+class StartGroup:
+    group: str
+
+
+@dataclass(frozen=True)
+class StopGroup:
+    group: str
+
+
+@dataclass(frozen=True)
+class PersistGenerations:
+    """Highest generation seen per peer: the shell stores them so replays from before a restart stay stale."""
+
+    generations: dict[str, int] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Something an operator (and later issues) must hear about: kind is a stable word, detail a sentence.
+
+    kinds: link-up, link-warn, link-dead, peer-up, peer-warn, peer-dead, peer-left, peer-restarted,
+    dual-claim, cannot-take-over, yield, group-failed, rejected
+    """
+
+    kind: str
+    detail: str
+    peer: str = ""
+    link: str = ""
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class Exit:
+    """The shell should stop the loop; the engine has said goodbye."""
+
+    code: int = 0
+
+
+Action = Send | Ping | StartGroup | StopGroup | PersistGenerations | Notify | Exit
+
+ROUTINE = (Send, Ping)
+
+
+@dataclass(frozen=True)
+class Decision:
+    actions: tuple[Action, ...] = ()
+    reason: str = ""
+
+    @property
+    def routine(self) -> bool:
+        """True when the decision only sends beats or pings: the shell need not log it."""
+        return all(isinstance(a, ROUTINE) for a in self.actions)

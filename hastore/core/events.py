@@ -1,0 +1,56 @@
+"""Inputs to the engine. Every event is a frozen dataclass; time is passed beside it, never inside."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hastore.config.model import Config
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The timer the shell armed at `Engine.next_deadline()` fired."""
+
+
+@dataclass(frozen=True)
+class PacketReceived:
+    link: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class LinkTrouble:
+    """A transport reported an error (device gone, interface down). Liveness is still decided by beats."""
+
+    link: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class PingReply:
+    address: str
+
+
+@dataclass(frozen=True)
+class GroupDone:
+    """The shell finished starting or stopping a group (op is "start" or "stop")."""
+
+    group: str
+    op: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """SIGTERM or `hastore stop`: release what we hold, tell the peer, then exit."""
+
+
+@dataclass(frozen=True)
+class Reload:
+    """SIGHUP: a new configuration, already validated by the shell."""
+
+    config: Config
+
+
+Event = Tick | PacketReceived | LinkTrouble | PingReply | GroupDone | Shutdown | Reload

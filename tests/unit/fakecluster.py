@@ -1,0 +1,139 @@
+"""Two engines joined by a fake network and a fake clock: a whole cluster in a unit test.
+
+Datagrams are delivered after `latency` unless the link is cut in that direction. Group starts and stops
+finish after `op_time`. Ping replies come back for the ping nodes a node can currently see.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from hastore.config.model import (Auth, AuthAlgorithm, AuthKey, Config, Group, Link, LinkKind, PingGroup,
+                                  Resource, Timing)
+from hastore.core import actions as A
+from hastore.core import events as E
+from hastore.core.engine import Engine
+
+LINKS = ("ucast:eth1:peer", "serial:/dev/ttyS0")
+KEY = AuthKey(1, AuthAlgorithm.SHA256, b"secret")
+
+
+def make_config(node: str, timing: Timing = Timing(200, 500, 1000, 2000), ping=(), ping_groups=(),
+                links=LINKS, groups=None, nodes=("alpha", "bravo"), keys=(KEY,), active_key=1) -> Config:
+    if groups is None:
+        groups = (Group("web", "alpha", (Resource("IPaddr", ("10.0.0.100",)),)),)
+    link_objs = tuple(Link(l, LinkKind.SERIAL if l.startswith("serial") else LinkKind.UCAST) for l in links)
+    return Config(node=node, nodes=nodes, timing=timing, links=link_objs, auth=Auth(tuple(keys), active_key),
+                  ping_nodes=tuple(ping), ping_groups=tuple(PingGroup(n, tuple(a)) for n, a in ping_groups),
+                  groups=groups)
+
+
+@dataclass
+class Node:
+    engine: Engine
+    log: list = field(default_factory=list)  # (time, Decision) of every non-empty decision
+    running: bool = True
+    frozen: bool = False
+    sees_pings: set = field(default_factory=set)
+    held: set = field(default_factory=set)  # groups whose resources are "running" here
+
+
+class FakeCluster:
+    def __init__(self, configs: dict[str, Config], latency=0.001, op_time=0.05, start=100.0, generations=None):
+        self.now = start
+        self.latency = latency
+        self.op_time = op_time
+        self.cut: set[tuple[str, str]] = set()  # (link, receiving node)
+        self.queue: list = []
+        self.counter = itertools.count()
+        self.nodes: dict[str, Node] = {}
+        self.wire_log: list[tuple[float, str, str, bytes]] = []  # every delivered datagram (time, to, link, data)
+        generations = generations or {}
+        for name, cfg in configs.items():
+            self.nodes[name] = Node(Engine(cfg, generations.get(name, 1), self.now))
+
+    def schedule(self, t: float, node: str, event) -> None:
+        heapq.heappush(self.queue, (t, next(self.counter), node, event))
+
+    def restart(self, name: str, cfg: Config, generation: int, floors=None) -> None:
+        self.nodes[name] = Node(Engine(cfg, generation, self.now, floors), sees_pings=self.nodes[name].sees_pings)
+
+    def cut_link(self, link: str, node: str | None = None) -> None:
+        """Cut a link in both directions (or only towards `node`)."""
+        for n in self.nodes:
+            if node is None or n == node:
+                self.cut.add((link, n))
+
+    def heal(self) -> None:
+        self.cut.clear()
+
+    def deliver(self, event, name: str) -> A.Decision:
+        node = self.nodes[name]
+        d = node.engine.handle(event, self.now)
+        if d.actions or d.reason:
+            node.log.append((self.now, d))
+        for a in d.actions:
+            self.execute(name, a)
+        return d
+
+    def execute(self, name: str, a) -> None:
+        node = self.nodes[name]
+        if isinstance(a, A.Send):
+            for other in self.nodes:
+                if other != name and (a.link, other) not in self.cut:
+                    self.schedule(self.now + self.latency, other, E.PacketReceived(a.link, a.data))
+        elif isinstance(a, A.Ping):
+            if a.address in node.sees_pings:
+                self.schedule(self.now + self.latency, name, E.PingReply(a.address))
+        elif isinstance(a, A.StartGroup):
+            node.held.add(a.group)
+            self.schedule(self.now + self.op_time, name, E.GroupDone(a.group, "start", True))
+        elif isinstance(a, A.StopGroup):
+            node.held.discard(a.group)
+            self.schedule(self.now + self.op_time, name, E.GroupDone(a.group, "stop", True))
+        elif isinstance(a, A.Exit):
+            node.running = False
+
+    def run_until(self, t_end: float) -> None:
+        while True:
+            candidates = [(self.queue[0][0], 0, "")] if self.queue else []
+            for name, node in self.nodes.items():
+                if node.running and not node.frozen:
+                    candidates.append((max(self.now, node.engine.next_deadline()), 1, name))
+            if not candidates or min(candidates)[0] > t_end:
+                self.now = t_end
+                return
+            t, from_queue, name = min(candidates)
+            self.now = max(self.now, t)
+            if from_queue == 1:
+                self.deliver(E.Tick(), name)
+                continue
+            _, _, name, event = heapq.heappop(self.queue)
+            node = self.nodes[name]
+            if isinstance(event, E.PacketReceived):
+                self.wire_log.append((self.now, name, event.link, event.data))
+            if node.running and not node.frozen:
+                self.deliver(event, name)
+
+    def advance(self, seconds: float) -> None:
+        self.run_until(self.now + seconds)
+
+    # -- queries --------------------------------------------------------------------------------
+    def notices(self, name: str, kind: str) -> list[tuple[float, A.Notify]]:
+        return [(t, a) for t, d in self.nodes[name].log for a in d.actions
+                if isinstance(a, A.Notify) and a.kind == kind]
+
+    def first(self, name: str, kind: str) -> float | None:
+        n = self.notices(name, kind)
+        return n[0][0] if n else None
+
+    def status(self, name: str) -> dict:
+        return self.nodes[name].engine.status(self.now)
+
+    def holders(self, group: str) -> set[str]:
+        return {n for n, node in self.nodes.items() if group in node.held}
+
+    def reasons(self, name: str) -> str:
+        return "\n".join(d.reason for _, d in self.nodes[name].log if d.reason)

@@ -1,0 +1,240 @@
+"""The engine, fed events by two-node fake clusters with a fake clock (no sockets, no sleeping)."""
+
+from hastore.config.model import Timing
+from hastore.core import actions as A
+from hastore.core import events as E
+
+from fakecluster import LINKS, FakeCluster, make_config
+
+T = Timing(keepalive_ms=200, warntime_ms=500, deadtime_ms=1000, initdead_ms=2000)
+
+
+def cluster(**kw) -> FakeCluster:
+    cfg = {n: make_config(n, **kw) for n in ("alpha", "bravo")}
+    return FakeCluster(cfg)
+
+
+def settled() -> FakeCluster:
+    c = cluster()
+    c.advance(1.0)
+    return c
+
+
+def test_both_nodes_see_each_other_on_every_link_and_preferred_node_starts_the_group():
+    c = settled()
+    for me, peer in (("alpha", "bravo"), ("bravo", "alpha")):
+        st = c.status(me)
+        assert st["peers"][peer]["alive"] is True
+        assert {l: v["up"] for l, v in st["peers"][peer]["links"].items()} == {l: True for l in LINKS}
+    assert c.holders("web") == {"alpha"}
+    assert c.status("bravo")["groups"]["web"]["owner"] == "alpha"
+    assert c.status("alpha")["groups"]["web"] == {**c.status("alpha")["groups"]["web"], "owner": "alpha",
+                                                  "state": "started"}
+    assert "preferred node" in c.reasons("alpha")
+
+
+def test_losing_one_link_changes_nothing_but_that_link():
+    c = settled()
+    c.cut_link(LINKS[0])
+    c.advance(5.0)
+    st = c.status("bravo")["peers"]["alpha"]
+    assert st["alive"] is True
+    assert st["links"][LINKS[0]]["state"] == "dead" and st["links"][LINKS[1]]["state"] == "up"
+    assert c.holders("web") == {"alpha"}
+    assert c.first("bravo", "peer-dead") is None
+    assert c.first("bravo", "link-dead") is not None
+
+
+def test_losing_every_link_declares_the_peer_dead_after_deadtime_and_not_before():
+    c = settled()
+    t_cut = c.now
+    last_beat = max(t for t, to, _, _ in c.wire_log if to == "bravo")
+    for link in LINKS:
+        c.cut_link(link)
+    c.advance(3.0)
+    dead_at = c.first("bravo", "peer-dead")
+    assert dead_at is not None
+    assert dead_at - last_beat >= 1.0 - 1e-9  # not before deadtime since the last beat
+    assert dead_at - last_beat < 1.0 + 0.001  # and on time: the engine armed a timer at the deadline
+    assert dead_at >= t_cut
+    # warntime warned first
+    warn_at = c.first("bravo", "peer-warn")
+    assert warn_at is not None and abs((warn_at - last_beat) - 0.5) < 0.001
+    # bravo took the group: the partition makes both hold it (both think the other dead) -- no ping nodes here
+    assert "bravo" in c.holders("web")
+    reasons = c.reasons("bravo")
+    assert "no beat on any of its 2 links for deadtime (1000 ms)" in reasons
+    assert "taking group web: alpha is dead" in reasons
+
+
+def test_initdead_alone_waits_for_initdead_then_takes_over():
+    c = FakeCluster({"bravo": make_config("bravo")})
+    c.advance(1.9)
+    assert c.holders("web") == set()
+    assert c.status("bravo")["peers"]["alpha"]["state"] == "init"
+    c.advance(0.5)
+    assert c.first("bravo", "peer-dead") == 102.0
+    assert c.holders("web") == {"bravo"}
+    assert "never heard from within initdead (2000 ms)" in c.reasons("bravo")
+
+
+def test_warntime_warns_without_declaring_dead_when_beats_resume():
+    c = settled()
+    for link in LINKS:
+        c.cut_link(link)
+    c.advance(0.45)  # silence = time since the last beat before the cut + 0.45 s + up to one keepalive
+    c.heal()
+    c.advance(1.0)
+    assert c.first("bravo", "peer-warn") is not None
+    assert c.first("bravo", "peer-dead") is None
+    assert c.status("bravo")["peers"]["alpha"]["state"] == "up"
+    assert c.holders("web") == {"alpha"}
+
+
+def test_node_that_sees_no_ping_node_never_takes_over():
+    c = cluster(ping=("10.0.0.254",))
+    c.nodes["alpha"].sees_pings = {"10.0.0.254"}
+    c.advance(1.0)
+    for link in LINKS:
+        c.cut_link(link)
+    c.advance(3.0)
+    assert c.first("bravo", "peer-dead") is not None
+    assert c.holders("web") == {"alpha"}
+    notes = c.notices("bravo", "cannot-take-over")
+    assert len(notes) == 1  # said once, not on every tick
+    assert "never takes over while it sees none" in notes[0][1].detail
+
+
+def test_node_that_sees_fewer_ping_nodes_yields_the_group():
+    c = cluster(ping=("10.0.0.254", "10.0.0.253"))
+    c.nodes["alpha"].sees_pings = {"10.0.0.254", "10.0.0.253"}
+    c.nodes["bravo"].sees_pings = {"10.0.0.254", "10.0.0.253"}
+    c.advance(1.5)
+    assert c.holders("web") == {"alpha"}
+    c.nodes["alpha"].sees_pings = {"10.0.0.254"}  # alpha loses one ping node
+    c.advance(2.0)
+    assert c.holders("web") == {"bravo"}
+    assert "the node that sees fewer yields" in c.reasons("alpha")
+    assert c.status("alpha")["ping"]["should_yield"] is True
+
+
+def test_ping_group_counts_as_one_when_any_member_answers():
+    c = cluster(ping_groups=(("uplinks", ("10.0.0.1", "10.0.0.2")),))
+    c.nodes["alpha"].sees_pings = {"10.0.0.2"}
+    c.nodes["bravo"].sees_pings = {"10.0.0.1", "10.0.0.2"}
+    c.advance(1.5)
+    assert c.status("alpha")["ping"]["count"] == 1
+    assert c.status("bravo")["ping"]["count"] == 1
+    assert c.holders("web") == {"alpha"}  # equal counts: the preferred node keeps it
+
+
+def test_preferred_node_without_ping_lets_the_other_start():
+    c = cluster(ping=("10.0.0.254",))
+    c.nodes["bravo"].sees_pings = {"10.0.0.254"}
+    c.advance(1.5)
+    assert c.holders("web") == {"bravo"}
+    assert "sees fewer ping nodes" in c.reasons("bravo")
+
+
+def test_peer_restart_is_seen_as_a_new_generation():
+    c = settled()
+    c.nodes["bravo"].running = False
+    c.advance(0.3)
+    c.restart("bravo", make_config("bravo"), generation=2, floors=None)
+    c.advance(1.0)
+    notes = c.notices("alpha", "peer-restarted")
+    assert notes and "generation 1 -> 2" in notes[0][1].detail
+    assert c.first("alpha", "peer-dead") is None
+    assert c.status("alpha")["peers"]["bravo"]["generation"] == 2
+
+
+def test_replays_from_before_a_restart_prove_nothing():
+    c = settled()
+    old = [(link, data) for t, to, link, data in c.wire_log if to == "bravo"]
+    c.nodes["alpha"].running = False  # alpha dies
+    c.nodes["bravo"].running = False
+    gens = c.nodes["bravo"].engine.verifier.generations()
+    c.restart("bravo", make_config("bravo"), generation=2, floors=gens)  # bravo restarts and remembers floors
+    c.advance(0.5)
+    for link, data in old:  # an attacker replays everything alpha ever sent
+        c.deliver(E.PacketReceived(link, data), "bravo")
+    c.advance(2.5)
+    assert c.status("bravo")["peers"]["alpha"]["alive"] is False
+    assert "bravo" in c.holders("web")  # it took over once initdead passed without a genuine beat
+    counters = c.status("bravo")["counters"]
+    assert counters.get("unechoed", 0) > 0
+    assert c.first("bravo", "peer-up") is None
+
+
+def test_planned_shutdown_hands_over_without_waiting_for_deadtime():
+    c = settled()
+    t0 = c.now
+    c.deliver(E.Shutdown(), "alpha")
+    c.advance(2.0)
+    assert c.nodes["alpha"].running is False
+    left = c.first("bravo", "peer-left")
+    assert left is not None and left - t0 < 0.3
+    assert c.holders("web") == {"bravo"}
+    assert c.first("bravo", "peer-dead") is None
+    # never both at once: alpha had stopped before bravo started
+    stop_done = [t for t, d in c.nodes["alpha"].log if "group web stopped" in d.reason][0]
+    start = [t for t, d in c.nodes["bravo"].log for a in d.actions if isinstance(a, A.StartGroup)][0]
+    assert stop_done <= start
+
+
+def test_dual_claim_after_a_partition_heals_is_reported():
+    c = settled()
+    for link in LINKS:
+        c.cut_link(link)
+    c.advance(3.0)
+    assert c.holders("web") == {"alpha", "bravo"}
+    c.heal()
+    c.advance(1.0)
+    for n in ("alpha", "bravo"):
+        notes = c.notices(n, "dual-claim")
+        assert len(notes) == 1
+        assert "both nodes claim group web" in notes[0][1].detail
+
+
+def test_every_non_routine_decision_has_a_reason():
+    c = settled()
+    for link in LINKS:
+        c.cut_link(link)
+    c.advance(3.0)
+    for n in ("alpha", "bravo"):
+        for _, d in c.nodes[n].log:
+            if not d.routine:
+                assert d.reason, d
+
+
+def test_rejected_garbage_is_counted_and_changes_nothing():
+    c = settled()
+    for junk in (b"", b"HA", b"\x00" * 200, bytes(range(256))):
+        d = c.deliver(E.PacketReceived(LINKS[0], junk), "bravo")
+        assert [a.kind for a in d.actions if isinstance(a, A.Notify)] == ["rejected"]
+    c.advance(1.0)
+    assert c.status("bravo")["counters"]["malformed"] == 4
+    assert c.holders("web") == {"alpha"}
+
+
+def test_reload_changes_timing_and_says_what_changed():
+    c = settled()
+    new = make_config("bravo", timing=Timing(100, 300, 600, 1200))
+    d = c.deliver(E.Reload(new), "bravo")
+    assert "keepalive 200 ms" in d.reason and "keepalive 100 ms" in d.reason
+    for link in LINKS:
+        c.cut_link(link)
+    c.advance(2.0)
+    last_beat = max(t for t, to, _, _ in c.wire_log if to == "bravo")
+    assert abs(c.first("bravo", "peer-dead") - last_beat - 0.6) < 0.001
+
+
+def test_key_rotation_accepts_old_key_while_signing_with_new():
+    from hastore.config.model import AuthAlgorithm, AuthKey
+    k2 = AuthKey(2, AuthAlgorithm.SHA256, b"new secret")
+    from fakecluster import KEY
+    cfg = {"alpha": make_config("alpha", keys=(KEY, k2), active_key=2),
+           "bravo": make_config("bravo", keys=(KEY, k2), active_key=1)}
+    c = FakeCluster(cfg)
+    c.advance(1.0)
+    assert c.status("alpha")["peers"]["bravo"]["alive"] and c.status("bravo")["peers"]["alpha"]["alive"]
