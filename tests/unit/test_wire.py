@@ -1,0 +1,270 @@
+"""The wire format and its verifier: round trips, every verdict, check order, and fuzzing."""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hastore.config.model import Auth, AuthAlgorithm, AuthKey
+from hastore.core.wire import (
+    MAX_DATAGRAM,
+    Message,
+    MsgType,
+    Verdict,
+    Verifier,
+    encode,
+    signing_key,
+)
+
+ME, PEER = "node1", "node2"
+KEY1 = AuthKey(1, AuthAlgorithm.SHA256, b"secret-one")
+KEY2 = AuthKey(2, AuthAlgorithm.SHA1, b"secret-two")
+ALL_KEYS = (KEY1, KEY2, AuthKey(3, AuthAlgorithm.MD5, b"three"), AuthKey(4, AuthAlgorithm.CRC, b""))
+AUTH = Auth(keys=ALL_KEYS, active_key=1, allow_insecure=True)
+BEAT_BODY = {"st": "active", "g": ["group1"], "p": 1, "e": 123456789}
+ACCEPTED = {Verdict.OK, Verdict.DUPLICATE}
+
+
+def beat(seq: int = 1, generation: int = 7, src: str = PEER, dst: str = "", body: dict = BEAT_BODY) -> Message:
+    return Message(MsgType.BEAT, src, dst, generation, seq, body=body)
+
+
+def sign(msg: Message, key: AuthKey = KEY1) -> bytes:
+    return encode(msg, key, allow_insecure=True)
+
+
+def verifier(auth: Auth = AUTH, floors: dict[str, int] | None = None) -> Verifier:
+    return Verifier(auth, ME, (ME, PEER), floors)
+
+
+def with_body(raw_body: bytes) -> bytes:
+    """A datagram around an arbitrary body, correctly signed with KEY1, to reach the JSON checks."""
+    prefix = sign(beat(body={}))[: 30 + 1 + len(PEER) + 1]
+    signed = prefix + struct.pack(">H", len(raw_body)) + raw_body
+    return signed + hmac.new(KEY1.secret, signed, "sha256").digest()
+
+
+# --- round trips and encoding ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ALL_KEYS, ids=lambda k: k.algorithm.value)
+def test_round_trip_each_algorithm(key: AuthKey) -> None:
+    msg = Message(MsgType.ACK, PEER, ME, 3, 9, rid=0, ack=42, body={"x": [1, 2.5, None, True, "é"]})
+    result = verifier().verify(sign(msg, key), "eth1")
+    assert result.verdict is Verdict.OK, result.detail
+    assert result.message == msg
+
+
+def test_typical_beat_is_small() -> None:
+    data = encode(Message(MsgType.BEAT, "node1", "", 1, 1, body=BEAT_BODY), KEY1)
+    assert len(data) < 160
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"src": ""},
+        {"src": "x" * 65},
+        {"dst": "y" * 65},
+        {"src": "\udc80"},
+        {"generation": -1},
+        {"seq": 2**64},
+        {"rid": 2**32},
+        {"ack": -1},
+        {"type": 9},
+        {"body": {"k": object()}},
+        {"body": {1: "int key"}},
+        {"body": {"nan": float("nan")}},
+        {"body": {"big": "x" * MAX_DATAGRAM}},
+    ],
+)
+def test_encode_rejects_out_of_range(change: dict) -> None:
+    with pytest.raises(ValueError):
+        sign(dataclasses.replace(beat(), **change))
+
+
+def test_crc_needs_allow_insecure() -> None:
+    crc = ALL_KEYS[3]
+    with pytest.raises(ValueError):
+        encode(beat(), crc)
+    strict = Auth(keys=ALL_KEYS, active_key=4)
+    assert verifier(strict).verify(sign(beat(), crc), "l").verdict is Verdict.UNKNOWN_KEY
+    with pytest.raises(ValueError):
+        signing_key(strict)
+    assert signing_key(AUTH) == KEY1
+    with pytest.raises(ValueError):
+        signing_key(Auth(keys=(KEY1,), active_key=5))
+
+
+# --- every verdict, and the order of checks --------------------------------------------------
+
+
+GOOD = sign(beat())
+MALFORMED_CASES = {
+    "empty": b"",
+    "short": GOOD[:29],
+    "magic": b"XX" + GOOD[2:],
+    "version": GOOD[:2] + b"\x02" + GOOD[3:],
+    "type": GOOD[:3] + b"\x09" + GOOD[4:],
+    "flags": GOOD[:5] + b"\x01" + GOOD[6:],
+    "trailing byte": GOOD + b"\0",
+    "truncated MAC": GOOD[:-1],
+    "src length": GOOD[:30] + b"\x40" + GOOD[31:],
+    "oversized": b"x" * (MAX_DATAGRAM + 1),
+    "body not object": with_body(b"[1]"),
+    "body not utf-8": with_body(b"\xff"),
+    "body not json": with_body(b"{"),
+    "body NaN": with_body(b'{"a":NaN}'),
+    "body deeply nested": with_body(b'{"a":' + b"[" * 1300),
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED_CASES.values(), ids=MALFORMED_CASES.keys())
+def test_malformed(data: bytes) -> None:
+    assert verifier().verify(data, "l").verdict is Verdict.MALFORMED
+
+
+@pytest.mark.parametrize("msg", [beat(src=ME), beat(src="stranger"), beat(dst="node3")])
+def test_not_ours(msg: Message) -> None:
+    assert verifier().verify(sign(msg), "l").verdict is Verdict.NOT_OURS
+
+
+def test_unknown_key_precedes_bad_mac_and_not_ours_precedes_unknown_key() -> None:
+    only2 = Auth(keys=(KEY2,), active_key=2)
+    forged = sign(beat())[:-1] + b"\0"
+    assert verifier(only2).verify(forged, "l").verdict is Verdict.UNKNOWN_KEY
+    assert verifier(only2).verify(sign(beat(src=ME)), "l").verdict is Verdict.NOT_OURS
+
+
+def test_bad_mac_with_wrong_secret_and_wrong_algorithm() -> None:
+    wrong_secret = dataclasses.replace(KEY1, secret=b"guess")
+    result = verifier().verify(sign(beat(), wrong_secret), "l")
+    assert (result.verdict, result.message) == (Verdict.BAD_MAC, None)
+    assert result.detail == "bad MAC from node2 with key 1 on l"
+    wrong_algorithm = dataclasses.replace(KEY1, algorithm=AuthAlgorithm.MD5)
+    assert verifier().verify(sign(beat(), wrong_algorithm), "l").verdict is Verdict.BAD_MAC
+
+
+def test_forged_high_seq_does_not_move_the_mark() -> None:
+    v = verifier()
+    forged = sign(beat(seq=1000, generation=99), dataclasses.replace(KEY1, secret=b"forged"))
+    assert v.verify(forged, "l").verdict is Verdict.BAD_MAC
+    assert v.verify(sign(beat(seq=5)), "l").verdict is Verdict.OK
+    assert v.generations() == {PEER: 7}
+
+
+def test_replay_then_duplicate_on_second_link() -> None:
+    v, data = verifier(), sign(beat(seq=5))
+    assert v.verify(data, "a").verdict is Verdict.OK
+    assert v.verify(data, "a").verdict is Verdict.REPLAY
+    dup = v.verify(data, "b")
+    assert dup.verdict is Verdict.DUPLICATE and dup.message == beat(seq=5)
+    assert v.verify(data, "b").verdict is Verdict.REPLAY
+    assert v.verify(sign(beat(seq=4)), "c").verdict is Verdict.DUPLICATE
+    assert v.verify(sign(beat(seq=6)), "b").verdict is Verdict.OK
+    assert v.counters == {Verdict.OK: 2, Verdict.REPLAY: 2, Verdict.DUPLICATE: 2}
+
+
+def test_peer_restart_resets_marks_and_makes_old_generation_stale() -> None:
+    v = verifier()
+    old = sign(beat(seq=50, generation=7))
+    assert v.verify(old, "a").verdict is Verdict.OK
+    restarted = v.verify(sign(beat(seq=1, generation=8)), "b")
+    assert restarted.verdict is Verdict.OK and "new generation 8" in restarted.detail
+    assert v.verify(sign(beat(seq=1, generation=8)), "a").verdict is Verdict.DUPLICATE
+    assert v.verify(old, "c").verdict is Verdict.STALE
+    assert v.generations() == {PEER: 8}
+
+
+def test_floors_reject_older_generations_and_are_kept() -> None:
+    v = verifier(floors={PEER: 7, "gone": 3})
+    assert v.verify(sign(beat(generation=6)), "l").verdict is Verdict.STALE
+    assert v.verify(sign(beat(generation=7)), "l").verdict is Verdict.OK
+    assert v.generations() == {PEER: 7, "gone": 3}
+
+
+def test_stale_checked_after_mac() -> None:
+    v = verifier(floors={PEER: 7})
+    forged = sign(beat(generation=1), dataclasses.replace(KEY1, secret=b"x"))
+    assert v.verify(forged, "l").verdict is Verdict.BAD_MAC
+
+
+def test_key_rotation_and_reload_keep_marks() -> None:
+    both = verifier(Auth(keys=(KEY1, KEY2), active_key=2))
+    assert both.verify(sign(beat(seq=1), KEY1), "l").verdict is Verdict.OK
+    assert both.verify(sign(beat(seq=2), KEY2), "l").verdict is Verdict.OK
+    both.set_auth(Auth(keys=(KEY2,), active_key=2))
+    assert both.verify(sign(beat(seq=3), KEY1), "l").verdict is Verdict.UNKNOWN_KEY
+    assert both.verify(sign(beat(seq=2), KEY2), "l").verdict is Verdict.REPLAY
+
+
+# --- properties ------------------------------------------------------------------------------
+
+names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=16).filter(lambda s: s != ME)
+finite_floats = st.floats(allow_nan=False, allow_infinity=False)
+scalars = st.none() | st.booleans() | st.integers() | finite_floats | st.text(max_size=20)
+bodies = st.dictionaries(st.text(max_size=8), scalars | st.lists(scalars, max_size=3), max_size=5)
+messages = st.builds(Message, st.sampled_from(MsgType), names, st.sampled_from(["", ME]),
+                     st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+                     st.integers(0, 2**32 - 1), bodies)
+keys = st.sampled_from(ALL_KEYS)
+
+
+def fresh_for(msg: Message) -> Verifier:
+    return Verifier(AUTH, ME, (ME, msg.src))
+
+
+@given(messages, keys)
+def test_property_round_trip(msg: Message, key: AuthKey) -> None:
+    result = fresh_for(msg).verify(sign(msg, key), "l")
+    assert (result.verdict, result.message) == (Verdict.OK, msg)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=MAX_DATAGRAM + 20) | st.binary().map(lambda b: b"HA\x01\x01\x01\x00" + b))
+def test_property_random_bytes_never_raise(data: bytes) -> None:
+    assert verifier().verify(data, "l").verdict not in ACCEPTED
+
+
+@given(st.binary(max_size=1300))
+def test_property_random_body_never_raises(raw_body: bytes) -> None:
+    assert verifier().verify(with_body(raw_body), "l").verdict in {Verdict.MALFORMED, Verdict.OK}
+
+
+@given(messages, keys, st.data())
+def test_property_single_bit_flip_never_accepted(msg: Message, key: AuthKey, data: st.DataObject) -> None:
+    datagram = bytearray(sign(msg, key))
+    bit = data.draw(st.integers(0, len(datagram) * 8 - 1))
+    datagram[bit // 8] ^= 1 << (bit % 8)
+    assert fresh_for(msg).verify(bytes(datagram), "l").verdict not in ACCEPTED
+
+
+@given(messages, keys, st.data())
+def test_property_truncation_or_extension_never_accepted(msg: Message, key: AuthKey, data: st.DataObject) -> None:
+    datagram = sign(msg, key)
+    cut = data.draw(st.integers(0, len(datagram) - 1))
+    tail = data.draw(st.binary(min_size=1, max_size=40))
+    assert fresh_for(msg).verify(datagram[:cut], "l").verdict not in ACCEPTED
+    assert fresh_for(msg).verify(datagram + tail, "l").verdict not in ACCEPTED
+
+
+@given(messages, keys)
+def test_property_replay_and_duplicate(msg: Message, key: AuthKey) -> None:
+    v, datagram = fresh_for(msg), sign(msg, key)
+    verdicts = [v.verify(datagram, link).verdict for link in ("a", "a", "b", "b")]
+    assert verdicts == [Verdict.OK, Verdict.REPLAY, Verdict.DUPLICATE, Verdict.REPLAY]
+
+
+@given(messages, st.integers(1, 2**32))
+def test_property_restart_makes_earlier_generation_stale(msg: Message, bump: int) -> None:
+    old = dataclasses.replace(msg, generation=msg.generation % 2**63)
+    new = dataclasses.replace(old, generation=old.generation + bump, seq=0)
+    v = fresh_for(msg)
+    assert v.verify(sign(new), "a").verdict is Verdict.OK
+    assert v.verify(sign(old), "b").verdict is Verdict.STALE
+    assert Verifier(AUTH, ME, (ME, msg.src), v.generations()).verify(sign(old), "a").verdict is Verdict.STALE
