@@ -1,0 +1,421 @@
+"""Heartbeat transports: one object per configured `Link` (UDP ucast/bcast/mcast, serial).
+
+Each transport hands every received datagram or frame to ``on_packet(link.id, data)`` and
+reports trouble as a sentence through ``on_error(link.id, sentence)``. `send` never blocks and
+never raises for transient trouble (no route, no buffer space, interface down, serial line gone):
+the trouble is reported once per distinct sentence until a send succeeds again. Deciding whether
+a packet is genuine, or our own echo on bcast/mcast, is the verifier's job, not ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+
+import serial
+
+from hastore.config.model import Link, LinkKind
+from hastore.core.framing import FrameDecoder, encode_frame
+
+OnPacket = Callable[[str, bytes], None]
+OnError = Callable[[str, str], None]
+
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SIOCGIFBRDADDR = 0x8919
+IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # linux/in.h
+IPV6_MULTICAST_ALL = 29  # linux/in6.h
+RECV_SIZE = 65535
+SERIAL_QUEUE_FRAMES = 16  # outgoing frames kept while the line is slow; the oldest goes first
+SERIAL_RETRY_S = 1.0
+SERIAL_POLL_S = 0.02  # read interval for ports without a file descriptor (loop://)
+
+
+class TransportError(Exception):
+    """A link that cannot work as configured (e.g. its interface does not exist)."""
+
+
+class Transport:
+    """Base: stats, rate-limited error reporting. Subclasses implement open/send/close."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.stats: dict[str, int] = {"sent": 0, "received": 0, "send_errors": 0}
+        self._on_packet: OnPacket | None = None
+        self._on_error: OnError | None = None
+        self._reported: set[str] = set()
+
+    async def open(self, on_packet: OnPacket, on_error: OnError) -> None:
+        raise NotImplementedError
+
+    def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _deliver(self, data: bytes) -> None:
+        self.stats["received"] += 1
+        if self._on_packet is not None:
+            self._on_packet(self.link.id, data)
+
+    def _sent_ok(self) -> None:
+        self.stats["sent"] += 1
+        self._reported.clear()
+
+    def _send_failed(self, sentence: str) -> None:
+        self.stats["send_errors"] += 1
+        self._report(sentence)
+
+    def _report(self, sentence: str) -> None:
+        """Report each distinct trouble once until a send succeeds."""
+        if sentence in self._reported or self._on_error is None:
+            return
+        self._reported.add(sentence)
+        self._on_error(self.link.id, sentence)
+
+
+def _only_own_groups(sock: socket.socket, v6: bool) -> None:
+    """Linux hands a wildcard-bound socket the datagrams of every multicast group any socket on
+    the host joined on that interface (IP_MULTICAST_ALL defaults to 1), so a ucast link would see
+    an mcast link's traffic on the same port. Turn that off (best effort: v6 needs Linux 4.20)."""
+    level, opt = (socket.IPPROTO_IPV6, IPV6_MULTICAST_ALL) if v6 else (socket.IPPROTO_IP, IP_MULTICAST_ALL)
+    try:
+        sock.setsockopt(level, opt, 0)
+    except OSError:
+        pass
+
+
+def _describe(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return f"{exc.strerror or exc} ({name})" if name else str(exc)
+
+
+class UdpTransport(Transport):
+    """ucast, bcast and mcast over one UDP socket bound to the link's port and interface."""
+
+    def __init__(self, link: Link) -> None:
+        super().__init__(link)
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ifindex = 0
+        self._family = socket.AF_INET
+        self._joined = True
+
+    async def open(self, on_packet: OnPacket, on_error: OnError) -> None:
+        link = self.link
+        self._on_packet, self._on_error = on_packet, on_error
+        if not link.interface:
+            raise TransportError(f"{link.id}: no interface configured")
+        try:
+            self._ifindex = socket.if_nametoindex(link.interface)
+        except OSError:
+            raise TransportError(f"{link.id}: interface {link.interface} does not exist") from None
+        self._family = self._pick_family()
+        sock = socket.socket(self._family, socket.SOCK_DGRAM)
+        try:
+            self._setup(sock)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"{link.id}: cannot open UDP socket: {_describe(exc)}") from None
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def _pick_family(self) -> socket.AddressFamily:
+        if self.link.kind is LinkKind.BCAST:
+            return socket.AF_INET
+        if not self.link.address:
+            raise TransportError(f"{self.link.id}: no address configured")
+        try:
+            addr = ipaddress.ip_address(self.link.address.split("%")[0])
+        except ValueError:
+            raise TransportError(f"{self.link.id}: {self.link.address!r} is not an IP address") from None
+        if self.link.kind is LinkKind.MCAST and not addr.is_multicast:
+            raise TransportError(f"{self.link.id}: {addr} is not a multicast group")
+        return socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+
+    def _setup(self, sock: socket.socket) -> None:
+        link = self.link
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, link.interface.encode())
+        v6 = self._family == socket.AF_INET6
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        _only_own_groups(sock, v6)
+        if link.kind is LinkKind.BCAST:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if link.kind is LinkKind.MCAST:
+            self._setup_mcast(sock, v6)
+            # Bound to the group, the socket sees only that group's datagrams, not unicast
+            # meant for a ucast link sharing the port and interface.
+            sock.bind(self._sockaddr(self._group()))
+            self._join(sock)
+        else:
+            sock.bind(("::", link.port, 0, 0) if v6 else ("", link.port))
+
+    def _group(self) -> str:
+        return self.link.address.split("%")[0]
+
+    def _setup_mcast(self, sock: socket.socket, v6: bool) -> None:
+        link = self.link
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, self._ifindex)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, link.ttl)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, int(link.loop))
+        else:
+            mreqn = struct.pack("4s4si", bytes(4), bytes(4), self._ifindex)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, link.ttl)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, int(link.loop))
+
+    def _join(self, sock: socket.socket) -> None:
+        """Join the group on our interface. A failure (e.g. no IPv6 on the interface yet) is
+        reported and retried on each send rather than stopping the daemon."""
+        group = self._group()
+        try:
+            if self._family == socket.AF_INET6:
+                mreq = socket.inet_pton(socket.AF_INET6, group) + struct.pack("@i", self._ifindex)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+            else:
+                mreqn = struct.pack("4s4si", socket.inet_aton(group), bytes(4), self._ifindex)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:  # already a member
+                self._joined = True
+                return
+            self._joined = False
+            self._report(f"cannot join multicast group {group} on {self.link.interface}: {_describe(exc)}")
+            return
+        self._joined = True
+
+    def _sockaddr(self, host: str) -> tuple:
+        if self._family == socket.AF_INET6:
+            return (host, self.link.port, 0, self._ifindex)
+        return (host, self.link.port)
+
+    def _destination(self) -> tuple:
+        if self.link.kind is LinkKind.BCAST:
+            return (self._broadcast_address(), self.link.port)
+        return self._sockaddr(self.link.address.split("%")[0])
+
+    def _broadcast_address(self) -> str:
+        """The interface's broadcast address, read afresh (it may be configured after we opened);
+        255.255.255.255 when it has none, which SO_BINDTODEVICE sends out the right interface."""
+        try:
+            req = struct.pack("256s", self.link.interface.encode())
+            res = fcntl.ioctl(self._sock.fileno(), SIOCGIFBRDADDR, req)
+            return socket.inet_ntoa(res[20:24])
+        except OSError:
+            return "255.255.255.255"
+
+    def _readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(64):  # bounded so one busy link cannot starve the loop
+            try:
+                data, _addr = sock.recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. a queued ICMP error
+                self._report(f"receive failed: {_describe(exc)}")
+                return
+            self._deliver(data)
+
+    def send(self, data: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            self._send_failed("transport is not open")
+            return
+        if not self._joined:
+            self._join(sock)
+        try:
+            sock.sendto(data, self._destination())
+        except OSError as exc:
+            self._send_failed(f"send on {self.link.interface} failed: {_describe(exc)}")
+            return
+        self._sent_ok()
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
+
+
+class SerialTransport(Transport):
+    """Frames over a serial line (or anything pyserial opens by URL, e.g. ``loop://``).
+
+    Reads are driven by the event loop (``add_reader`` on the port's file descriptor, or a short
+    poll for ports without one). Writes never block: frames wait in a small queue while the line
+    is slow, and the oldest unstarted frame is dropped (and counted) when the queue is full.
+    When the device goes away (EIO/EOF, write error) it is reported and reopened every
+    `retry_s` seconds in the background until it works again.
+    """
+
+    def __init__(self, link: Link, *, retry_s: float = SERIAL_RETRY_S) -> None:
+        super().__init__(link)
+        self.stats.update(dropped=0, reopens=0, bad_frames=0, garbage_bytes=0)
+        self._retry_s = retry_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._port: serial.SerialBase | None = None
+        self._fd: int | None = None
+        self._decoder = FrameDecoder()
+        self._queue: deque[bytes] = deque()
+        self._head_written = 0  # bytes of _queue[0] already on the line
+        self._writer_armed = False
+        self._task: asyncio.Task | None = None  # poll (no fd) or reconnect
+        self._closed = False
+
+    async def open(self, on_packet: OnPacket, on_error: OnError) -> None:
+        link = self.link
+        self._on_packet, self._on_error = on_packet, on_error
+        self._loop = asyncio.get_running_loop()
+        if not link.device:
+            raise TransportError(f"{link.id}: no serial device configured")
+        if "://" not in link.device and not os.path.exists(link.device):
+            raise TransportError(f"{link.id}: serial device {link.device} does not exist")
+        try:
+            self._open_port()
+        except (OSError, serial.SerialException) as exc:
+            self._lost(f"cannot open serial device {link.device}: {exc}")
+
+    def _open_port(self) -> None:
+        # Writes to a port with a file descriptor go through os.write, non-blocking. Ports without
+        # one (URL handlers such as loop://, for tests) use pyserial's own write, which may wait.
+        port = serial.serial_for_url(self.link.device, baudrate=self.link.baud, timeout=0)
+        try:
+            fd = port.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the latter
+            fd = None
+        self._port, self._fd = port, fd
+        self._decoder = FrameDecoder()
+        if fd is not None:
+            os.set_blocking(fd, False)
+            self._loop.add_reader(fd, self._readable)
+        else:
+            self._task = self._loop.create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while self._port is not None:
+            self._readable()
+            await asyncio.sleep(SERIAL_POLL_S)
+
+    def _readable(self) -> None:
+        port = self._port
+        if port is None:
+            return
+        try:
+            data = os.read(self._fd, 4096) if self._fd is not None else port.read(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, serial.SerialException) as exc:
+            self._lost(f"serial device {self.link.device} lost: {exc}")
+            return
+        if not data:
+            if self._fd is not None:  # readable yet nothing: the other end is gone
+                self._lost(f"serial device {self.link.device} lost: end of file")
+            return
+        dec = self._decoder
+        frames = dec.feed(data)
+        self.stats["bad_frames"], self.stats["garbage_bytes"] = dec.bad_frames, dec.garbage_bytes
+        for payload in frames:
+            self._deliver(payload)
+
+    def send(self, data: bytes) -> None:
+        frame = encode_frame(data)  # an oversized payload is our own bug: that raises
+        if self._port is None:
+            self._send_failed(f"serial device {self.link.device} is not open")
+            return
+        if len(self._queue) >= SERIAL_QUEUE_FRAMES:
+            # Keep a partly written head frame: cutting it would garble the line.
+            del self._queue[1 if self._head_written else 0]
+            self.stats["dropped"] += 1
+        self._queue.append(frame)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._queue and self._port is not None:
+            chunk = memoryview(self._queue[0])[self._head_written :]
+            try:
+                n = os.write(self._fd, chunk) if self._fd is not None else self._port.write(chunk)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except (OSError, serial.SerialException) as exc:
+                self.stats["send_errors"] += 1
+                self._lost(f"serial device {self.link.device} write failed: {exc}")
+                return
+            n = n or 0
+            if n < len(chunk):
+                self._head_written += n
+                self._arm_writer(True)
+                return
+            self._queue.popleft()
+            self._head_written = 0
+            self._sent_ok()
+        self._arm_writer(False)
+
+    def _arm_writer(self, on: bool) -> None:
+        if self._fd is None or on == self._writer_armed:
+            return
+        if on:
+            self._loop.add_writer(self._fd, self._flush)
+        else:
+            self._loop.remove_writer(self._fd)
+        self._writer_armed = on
+
+    def _drop_port(self) -> None:
+        port, fd = self._port, self._fd
+        if fd is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(fd)
+            if self._writer_armed:
+                self._loop.remove_writer(fd)
+        self._writer_armed = False
+        self._port = self._fd = None
+        self._queue.clear()
+        self._head_written = 0
+        if port is not None:
+            try:
+                port.close()
+            except (OSError, serial.SerialException):
+                pass
+
+    def _lost(self, sentence: str) -> None:
+        self._drop_port()
+        self._report(sentence)
+        if not self._closed and self._loop is not None:
+            self._task = self._loop.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._retry_s)
+            try:
+                self._open_port()
+            except (OSError, serial.SerialException) as exc:
+                self._report(f"cannot reopen serial device {self.link.device}: {exc}")
+                continue
+            self.stats["reopens"] += 1
+            return
+
+    def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._drop_port()
+
+
+def make_transport(link: Link) -> Transport:
+    if link.kind is LinkKind.SERIAL:
+        return SerialTransport(link)
+    return UdpTransport(link)

@@ -1,0 +1,193 @@
+"""ICMP/ICMPv6 echo prober against the real kernel: loopback, a veth pair between two network
+namespaces (raw sockets, and ping sockets once ping_group_range allows them), unreachable
+addresses, and replies that are not ours.
+
+As in test_transports, the test thread enters a namespace only while the pinger opens its
+sockets; the sockets stay in that namespace and the one event loop drives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import subprocess
+import time
+
+import pytest
+
+from hastore.io.pinger import Pinger
+
+CLONE_NEWNET = 0x40000000
+pytestmark = pytest.mark.root  # raw ICMP sockets, namespaces: tests/conftest.py skips (or fails under CI)
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, text=True)
+
+
+def _setns(fd: int) -> None:
+    if hasattr(os, "setns"):  # Python >= 3.12
+        os.setns(fd, CLONE_NEWNET)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextlib.contextmanager
+def netns(name: str | None):
+    if name is None:
+        yield
+        return
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        _setns(there)
+        try:
+            yield
+        finally:
+            _setns(here)
+    finally:
+        os.close(here)
+        os.close(there)
+
+
+A4, B4, A6, B6 = "10.232.0.1", "10.232.0.2", "fd00:232::1", "fd00:232::2"
+B6_LL = "fe80::b"
+
+
+@pytest.fixture
+def nets():
+    """Namespaces a and b joined by one veth pair (v4, v6 global and a fixed link-local, no DAD
+    wait), plus a third namespace c with nothing but loopback."""
+    pid = os.getpid()
+    names = {k: f"hsp{pid}{k}" for k in "abc"}
+    ifa, ifb = f"p{pid}a", f"p{pid}b"
+    try:
+        for ns in names.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        a, b = names["a"], names["b"]
+        sh("ip", "link", "add", ifa, "netns", a, "type", "veth", "peer", "name", ifb, "netns", b)
+        for ns, dev, v4, v6, ll in ((names["a"], ifa, A4, A6, "fe80::a"), (names["b"], ifb, B4, B6, B6_LL)):
+            sh("ip", "-n", ns, "link", "set", dev, "addrgenmode", "none")
+            sh("ip", "-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
+            sh("ip", "-n", ns, "addr", "add", f"{v6}/64", "nodad", "dev", dev)
+            sh("ip", "-n", ns, "addr", "add", f"{ll}/64", "nodad", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        yield names | {"ifa": ifa}
+    finally:
+        for ns in names.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+async def open_pinger(ns: str | None, **kw) -> tuple[Pinger, list[str]]:
+    replies: list[str] = []
+    p = Pinger(**kw)
+    with netns(ns):
+        await p.open(replies.append)
+    return p, replies
+
+
+async def answered(p: Pinger, replies: list[str], address: str, timeout: float = 2.0) -> bool:
+    """Ping every 100 ms (the first request may wait on neighbour discovery) until answered."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p.ping(address)
+        await asyncio.sleep(0.1)
+        if address in replies:
+            return True
+    return False
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def test_loopback_v4_and_v6():
+    async def body():
+        p, replies = await open_pinger(None)
+        try:
+            assert await answered(p, replies, "127.0.0.1")
+            assert await answered(p, replies, "::1")
+            assert set(replies) == {"127.0.0.1", "::1"}
+        finally:
+            p.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("ping_sockets", [False, True], ids=["raw", "dgram"])
+def test_over_veth_in_a_namespace(nets, ping_sockets):
+    """A fresh namespace has ping_group_range "1 0": the pinger falls back to raw sockets.
+    Widening the range gives it unprivileged ping sockets."""
+
+    async def body():
+        if ping_sockets:
+            sh("ip", "netns", "exec", nets["a"], "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647")
+        p, replies = await open_pinger(nets["a"])
+        try:
+            mode = "dgram" if ping_sockets else "raw"
+            assert p.modes == {"ipv4": mode, "ipv6": mode}
+            for address in (B4, B6, f"{B6_LL}%{nets['ifa']}", A4, "::1"):
+                assert await answered(p, replies, address), (address, replies)
+        finally:
+            p.close()
+
+    run(body())
+
+
+def test_unreachable_addresses_get_no_reply_and_do_not_raise(nets):
+    async def body():
+        lonely, lonely_replies = await open_pinger(nets["c"])  # only loopback: no route at all
+        p, replies = await open_pinger(nets["a"])  # on-link, but nobody has these addresses
+        try:
+            for _ in range(5):
+                for addr in ("10.232.0.2", "fd00:232::2", "192.0.2.1"):
+                    lonely.ping(addr)  # ENETUNREACH from sendto: swallowed
+                for addr in ("10.232.0.77", "fd00:232::77", "198.51.100.1"):
+                    p.ping(addr)
+                for junk in ("not-an-address", "fe80::1%nosuchif", "", "10.0.0.256"):
+                    p.ping(junk)
+                await asyncio.sleep(0.1)
+            assert lonely_replies == [] and replies == []
+        finally:
+            lonely.close()
+            p.close()
+
+    run(body())
+
+
+def test_replies_to_another_pinger_are_not_ours(nets):
+    """Raw sockets see every echo reply in the namespace; each pinger must count only its own."""
+
+    async def body():
+        p1, r1 = await open_pinger(nets["a"])
+        p2, r2 = await open_pinger(nets["a"])
+        try:
+            assert p1.modes["ipv4"] == "raw"
+            assert await answered(p1, r1, B4)
+            assert await answered(p1, r1, B6)
+            await asyncio.sleep(0.2)
+            assert r2 == []
+        finally:
+            p1.close()
+            p2.close()
+
+    run(body())
+
+
+def test_close_is_idempotent_and_ping_after_close_is_silent():
+    async def body():
+        p, replies = await open_pinger(None)
+        p.close()
+        p.close()
+        p.ping("127.0.0.1")
+        await asyncio.sleep(0.1)
+        assert replies == []
+
+    run(body())

@@ -1,0 +1,402 @@
+"""UDP and serial transports against the real kernel: two network namespaces joined by two veth
+pairs, and a socat pty pair for the serial line.
+
+Both "nodes" live in this one process and one event loop: the test thread enters a namespace
+(setns on the thread) only while a transport opens its socket. A socket belongs to the namespace
+it was created in for good, so afterwards the one loop can drive both nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from hastore.config.model import Link, LinkKind
+from hastore.io.transports import SerialTransport, TransportError, make_transport
+
+PORT = 694  # the namespaces are private, so the real Heartbeat port is free
+CLONE_NEWNET = 0x40000000
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, text=True)
+
+
+def _setns(fd: int) -> None:
+    if hasattr(os, "setns"):  # Python >= 3.12
+        os.setns(fd, CLONE_NEWNET)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextlib.contextmanager
+def netns(name: str):
+    """Run the body with this thread in network namespace `name` (sockets made there stay there)."""
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        _setns(there)
+        try:
+            yield
+        finally:
+            _setns(here)
+    finally:
+        os.close(here)
+        os.close(there)
+
+
+@dataclass
+class Veths:
+    a: str  # namespace names
+    b: str
+    ifa: list[str]  # ifa[i] in a is joined to ifb[i] in b
+    ifb: list[str]
+
+    @staticmethod
+    def v4(i: int, side: str) -> str:
+        return f"10.231.{i}.{1 if side == 'a' else 2}"
+
+    @staticmethod
+    def v6(i: int, side: str) -> str:
+        return f"fd00:231:{i}::{1 if side == 'a' else 2}"
+
+
+@pytest.fixture
+def veths():
+    """Namespaces a and b joined by two veth pairs (our own: lighter than conftest's node lab)."""
+    tag = f"hst{os.getpid()}"
+    a, b = f"{tag}a", f"{tag}b"
+    veths = Veths(a, b, [f"h{os.getpid()}a{i}" for i in range(2)], [f"h{os.getpid()}b{i}" for i in range(2)])
+    try:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for i, (x, y) in enumerate(zip(veths.ifa, veths.ifb)):
+            sh("ip", "link", "add", x, "netns", a, "type", "veth", "peer", "name", y, "netns", b)
+            for ns, dev, side in ((a, x, "a"), (b, y, "b")):
+                sh("ip", "-n", ns, "addr", "add", f"{veths.v4(i, side)}/24", "brd", "+", "dev", dev)
+                sh("ip", "-n", ns, "addr", "add", f"{veths.v6(i, side)}/64", "nodad", "dev", dev)
+                sh("ip", "-n", ns, "link", "set", dev, "up")
+        yield veths
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def run(coro, timeout: float = 10.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class Node:
+    """The transports of one side, with what they received and reported."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self.errors: list[tuple[str, str]] = []
+        self.transports = []
+
+    async def open(self, ns: str | None, *links: Link):
+        ctx = netns(ns) if ns else contextlib.nullcontext()
+        with ctx:
+            for link in links:
+                t = make_transport(link)
+                await t.open(self._packet, self._error)
+                self.transports.append(t)
+        return self.transports[-len(links) :]
+
+    def _packet(self, link_id: str, data: bytes) -> None:
+        self.got.append((link_id, data))
+
+    def _error(self, link_id: str, sentence: str) -> None:
+        self.errors.append((link_id, sentence))
+
+    def close(self) -> None:
+        for t in self.transports:
+            t.close()
+
+
+async def until(cond, timeout: float = 3.0, every=None, step: float = 0.05) -> None:
+    """Wait for cond(); call every() each step meanwhile (e.g. resend: the first datagram may be
+    lost while the neighbour entry resolves)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        if every:
+            every()
+        await asyncio.sleep(step)
+
+
+async def exchange(veths: Veths, link_a: Link, link_b: Link) -> None:
+    na, nb = Node(), Node()
+    try:
+        (ta,) = await na.open(veths.a, link_a)
+        (tb,) = await nb.open(veths.b, link_b)
+        await until(lambda: (link_b.id, b"from-a") in nb.got, every=lambda: ta.send(b"from-a"))
+        await until(lambda: (link_a.id, b"from-b") in na.got, every=lambda: tb.send(b"from-b"))
+        assert ta.stats["sent"] > 0 and tb.stats["received"] > 0
+        assert not na.errors and not nb.errors
+    finally:
+        na.close()
+        nb.close()
+
+
+def ucast(ifname: str, peer: str) -> Link:
+    return Link(id=f"ucast:{ifname}:{peer}", kind=LinkKind.UCAST, interface=ifname, address=peer, port=PORT)
+
+
+def bcast(ifname: str) -> Link:
+    return Link(id=f"bcast:{ifname}", kind=LinkKind.BCAST, interface=ifname, port=PORT)
+
+
+def mcast(ifname: str, group: str) -> Link:
+    return Link(id=f"mcast:{ifname}:{group}", kind=LinkKind.MCAST, interface=ifname, address=group, port=PORT)
+
+
+# --- UDP ---------------------------------------------------------------------------------------
+
+@pytest.mark.root
+def test_ucast_v4(veths):
+    run(exchange(veths, ucast(veths.ifa[0], veths.v4(0, "b")), ucast(veths.ifb[0], veths.v4(0, "a"))))
+
+
+@pytest.mark.root
+def test_ucast_v6(veths):
+    run(exchange(veths, ucast(veths.ifa[0], veths.v6(0, "b")), ucast(veths.ifb[0], veths.v6(0, "a"))))
+
+
+@pytest.mark.root
+def test_bcast(veths):
+    run(exchange(veths, bcast(veths.ifa[0]), bcast(veths.ifb[0])))
+
+
+@pytest.mark.root
+def test_mcast_v4(veths):
+    run(exchange(veths, mcast(veths.ifa[0], "239.0.0.1"), mcast(veths.ifb[0], "239.0.0.1")))
+
+
+@pytest.mark.root
+def test_mcast_v6(veths):
+    run(exchange(veths, mcast(veths.ifa[0], "ff02::1:694"), mcast(veths.ifb[0], "ff02::1:694")))
+
+
+@pytest.mark.root
+def test_links_sharing_a_port_on_two_interfaces(veths):
+    """ucast on both cables plus mcast on the first, all on port 694: each datagram arrives on
+    the link of the cable it travelled, and the group-bound mcast socket sees no unicast."""
+
+    async def body():
+        v = veths
+        la = [ucast(v.ifa[0], v.v4(0, "b")), ucast(v.ifa[1], v.v4(1, "b")), mcast(v.ifa[0], "239.0.0.9")]
+        lb = [ucast(v.ifb[0], v.v4(0, "a")), ucast(v.ifb[1], v.v4(1, "a")), mcast(v.ifb[0], "239.0.0.9")]
+        na, nb = Node(), Node()
+        try:
+            ta = await na.open(veths.a, *la)
+            tb = await nb.open(veths.b, *lb)
+            for i in range(3):
+                msg = f"a{i}".encode()
+                await until(lambda: (lb[i].id, msg) in nb.got, every=lambda: ta[i].send(msg))
+                msg = f"b{i}".encode()
+                await until(lambda: (la[i].id, msg) in na.got, every=lambda: tb[i].send(msg))
+            await asyncio.sleep(0.1)
+            for node, links in ((na, la), (nb, lb)):
+                by_link = {lid: {d for i, d in node.got if i == lid} for lid, _ in node.got}
+                assert {len(v) for v in by_link.values()} == {1}, by_link  # nothing crossed over
+                assert len(by_link) == 3
+        finally:
+            na.close()
+            nb.close()
+
+    run(body())
+
+
+@pytest.mark.root
+def test_missing_interface_is_a_clear_error(veths):
+    async def body():
+        link = ucast("nosuchif0", "10.231.0.2")
+        expected = r"^ucast:nosuchif0:10\.231\.0\.2: interface nosuchif0 does not exist$"
+        with netns(veths.a), pytest.raises(TransportError, match=expected):
+            await make_transport(link).open(lambda *_: None, lambda *_: None)
+
+    run(body())
+
+
+@pytest.mark.root
+def test_interface_down_at_open_then_up(veths):
+    """Open on a down interface works; sends report the trouble once (not once per send) until a
+    send succeeds; traffic flows once the interface is up; a later outage is reported again."""
+
+    async def body():
+        sh("ip", "-n", veths.a, "link", "set", veths.ifa[0], "down")
+        la, lb = ucast(veths.ifa[0], veths.v4(0, "b")), ucast(veths.ifb[0], veths.v4(0, "a"))
+        na, nb = Node(), Node()
+        try:
+            ta, _ = await na.open(veths.a, la, mcast(veths.ifa[0], "239.0.0.1"))
+            (tb,) = await nb.open(veths.b, lb)
+            for _ in range(5):
+                ta.send(b"x")
+            assert ta.stats["send_errors"] == 5
+            assert len(na.errors) == 1 and na.errors[0][0] == la.id, na.errors
+            assert "Network is unreachable" in na.errors[0][1] or "down" in na.errors[0][1], na.errors
+            sh("ip", "-n", veths.a, "link", "set", veths.ifa[0], "up")
+            await until(lambda: (lb.id, b"up") in nb.got, every=lambda: ta.send(b"up"))
+            await until(lambda: (la.id, b"back") in na.got, every=lambda: tb.send(b"back"))
+            sh("ip", "-n", veths.a, "link", "set", veths.ifa[0], "down")
+            ta.send(b"y")
+            assert len(na.errors) == 2
+        finally:
+            na.close()
+            nb.close()
+
+    run(body())
+
+
+# --- serial ------------------------------------------------------------------------------------
+
+
+def serial_link(path: str) -> Link:
+    return Link(id=f"serial:{path}", kind=LinkKind.SERIAL, device=path, baud=115200)
+
+
+def test_serial_loop_url():
+    async def body():
+        node = Node()
+        try:
+            (t,) = await node.open(None, serial_link("loop://"))
+            t.send(b"one")
+            t.send(b"two" * 500)
+            await until(lambda: len(node.got) == 2)
+            assert [d for _, d in node.got] == [b"one", b"two" * 500]
+            assert t.stats["sent"] == 2 and t.stats["received"] == 2
+        finally:
+            node.close()
+
+    run(body())
+
+
+class Socat:
+    """A pty pair with stable link paths, which can be killed, paused and restarted."""
+
+    def __init__(self, directory: str) -> None:
+        self.a, self.b = os.path.join(directory, "ttyA"), os.path.join(directory, "ttyB")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        assert shutil.which("socat"), "socat is not installed"
+        for path in (self.a, self.b):  # left dangling by a SIGKILL; socat would replace them anyway
+            if os.path.lexists(path):
+                os.unlink(path)
+        self.proc = subprocess.Popen(
+            ["socat", "-d", "-d", f"pty,raw,echo=0,link={self.a}", f"pty,raw,echo=0,link={self.b}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while not (os.path.exists(self.a) and os.path.exists(self.b)):
+            assert self.proc.poll() is None, "socat exited"
+            assert time.monotonic() < deadline, "socat did not create its pty links"
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: socat removes its links. SIGKILL: the links dangle until the next start."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def socat():
+    with tempfile.TemporaryDirectory(prefix="hastore-serial-") as d:
+        s = Socat(d)
+        try:
+            s.start()
+            yield s
+        finally:
+            s.stop()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+def test_serial_pty_both_ways_and_recovers_after_socat_restart(socat, sig):
+    async def body():
+        na, nb = Node(), Node()
+        try:
+            (ta,) = await na.open(None, serial_link(socat.a))
+            (tb,) = await nb.open(None, serial_link(socat.b))
+            await until(lambda: (tb.link.id, b"ping") in nb.got, every=lambda: ta.send(b"ping"))
+            await until(lambda: (ta.link.id, b"pong") in na.got, every=lambda: tb.send(b"pong"))
+
+            socat.stop(sig)
+            await until(lambda: na.errors and nb.errors, timeout=2)
+            assert "lost" in na.errors[0][1], na.errors
+            ta.send(b"while-down")  # reported, never raised
+            assert ta.stats["send_errors"] >= 1
+
+            socat.start()
+            na.got.clear()
+            nb.got.clear()
+            await until(lambda: (tb.link.id, b"again") in nb.got, timeout=4, every=lambda: ta.send(b"again"))
+            await until(lambda: (ta.link.id, b"back") in na.got, timeout=4, every=lambda: tb.send(b"back"))
+            assert ta.stats["reopens"] >= 1 and tb.stats["reopens"] >= 1
+        finally:
+            na.close()
+            nb.close()
+
+    run(body())
+
+
+@pytest.mark.root
+def test_serial_writes_never_block_when_the_line_stalls(socat):
+    """Pause socat: the pty fills up, writes would block. send() must return at once, keep a
+    bounded queue and count the frames it dropped; after the stall the line works again."""
+
+    async def body():
+        na, nb = Node(), Node()
+        try:
+            (ta,) = await na.open(None, serial_link(socat.a))
+            (tb,) = await nb.open(None, serial_link(socat.b))
+            socat.proc.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+            for i in range(200):
+                ta.send(bytes([i % 256]) * 2000)
+            assert time.monotonic() - t0 < 0.5
+            assert ta.stats["dropped"] > 0
+            assert len(ta._queue) <= 16
+            assert not na.errors
+            socat.proc.send_signal(signal.SIGCONT)
+            await until(lambda: (tb.link.id, b"after") in nb.got, every=lambda: ta.send(b"after"))
+            assert all(len(d) in (2000, 5) for _, d in nb.got)  # only whole frames came out
+        finally:
+            na.close()
+            nb.close()
+
+    run(body())
+
+
+def test_serial_missing_device_is_a_clear_error(tmp_path):
+    async def body():
+        t = SerialTransport(serial_link(str(tmp_path / "nope")))
+        with pytest.raises(TransportError, match=r"^serial:.*nope: serial device .* does not exist"):
+            await t.open(lambda *_: None, lambda *_: None)
+
+    run(body())
