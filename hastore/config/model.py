@@ -138,6 +138,7 @@ class Stonith:
 
     config_file: str | None = None
     hosts: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    type: str | None = None  # the STONITH device type of a `stonith TYPE FILE` line (added by config)
 
 
 @dataclass(frozen=True)
