@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Detection benchmark: two `hastore run` daemons in a namespace lab (ucast veth + pty serial line).
+
+For each timing profile it cuts every heartbeat path of alpha (nftables drop on the veth + the serial
+line's socat stopped) and measures on bravo:
+  - fault -> peer declared dead, minus deadtime (negative values are normal: the last beat before the
+    fault arrived up to one keepalive earlier);
+  - timer overshoot: the silence bravo measured when it declared alpha dead, minus deadtime (how late the
+    engine's timer fired after the deadline; the target is <= 50 ms median).
+Then idle CPU (% of one core) and RSS of one daemon over --idle-seconds at the first profile.
+
+Usage (root): python3 bench/detection.py [--trials 20] [--idle-seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hastore.lab.netns import Lab  # noqa: E402
+from hastore.lab.pair import Pair, PairTiming, peer_alive  # noqa: E402
+
+PROFILES = {
+    "200ms/1s": PairTiming("200ms", "500ms", "1000ms", "3s"),
+    "50ms/200ms": PairTiming("50ms", "100ms", "200ms", "3s"),
+}
+SILENCE = re.compile(r"no beat for (\d+) ms \(deadtime (\d+) ms\)")
+
+
+def ms(v: str) -> int:
+    return int(v[:-2]) if v.endswith("ms") else int(float(v[:-1]) * 1000)
+
+
+def wait_dead_event(pair: Pair, seen: int, timeout: float = 10.0) -> tuple[dict, int]:
+    """The first peer-dead decision on bravo logged after the first `seen` log lines."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = pair.events("bravo")
+        for e in events[seen:]:
+            if "peer-dead" in e.get("noticed", []):
+                return e, len(events)
+        time.sleep(0.02)
+    raise TimeoutError("bravo never declared alpha dead")
+
+
+def trial(pair: Pair, lab: Lab, deadtime_ms: int) -> tuple[float, float]:
+    seen = len(pair.events("bravo"))
+    lab.serial_down()
+    time.sleep(0.05)
+    t_fault = time.time()
+    lab.loss("alpha", "hb", 100)
+    event, _ = wait_dead_event(pair, seen)
+    t_dead = dt.datetime.fromisoformat(event["timestamp"]).timestamp()
+    silences = [int(m.group(1)) for m in SILENCE.finditer(event["reason"])]
+    overshoot = max(silences) - deadtime_ms if silences else float("nan")
+    lab.heal("alpha")
+    lab.serial_up()
+    pair.wait_for("bravo", peer_alive("alpha", {"ucast": True, "serial": True}), timeout=15)
+    pair.wait_for("alpha", peer_alive("bravo", {"ucast": True, "serial": True}), timeout=15)
+    return (t_dead - t_fault) * 1000 - deadtime_ms, overshoot
+
+
+def summary(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=20, method="inclusive") if len(values) >= 2 else [values[0]] * 19
+    return (f"median {statistics.median(values):7.1f}  min {min(values):7.1f}  p95 {q[18]:7.1f}  "
+            f"max {max(values):7.1f}  stdev {statistics.pstdev(values):6.1f}")
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return -1
+
+
+def idle(pair: Pair, seconds: float) -> None:
+    pid = pair.procs["alpha"].pid
+    comm = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    assert "hastore" in comm and "run" in comm, comm
+    hz = os.sysconf("SC_CLK_TCK")
+    t0, c0 = time.monotonic(), cpu_ticks(pid)
+    peak = 0
+    while time.monotonic() - t0 < seconds:
+        time.sleep(1)
+        peak = max(peak, rss_kib(pid))
+    cpu = (cpu_ticks(pid) - c0) / hz / (time.monotonic() - t0) * 100
+    print(f"idle over {seconds:.0f} s at keepalive 200 ms (ucast + serial + 1 ping node): "
+          f"CPU {cpu:.2f} % of one core, RSS {rss_kib(pid) / 1024:.1f} MiB (peak {peak / 1024:.1f} MiB)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--idle-seconds", type=float, default=60)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/detection.py needs root (network namespaces)", file=sys.stderr)
+        return 2
+    for name, timing in PROFILES.items():
+        with Lab() as lab, Pair(lab, timing) as pair:
+            pair.start_all()
+            for me, peer in (("alpha", "bravo"), ("bravo", "alpha")):
+                pair.wait_for(me, peer_alive(peer, {"ucast": True, "serial": True}), timeout=20)
+            if name == "200ms/1s" and args.idle_seconds > 0:
+                idle(pair, args.idle_seconds)
+            results = [trial(pair, lab, ms(timing.deadtime)) for _ in range(args.trials)]
+            print(f"keepalive/deadtime {name}, {args.trials} trials (ms):")
+            print(f"  fault -> peer dead, minus deadtime: {summary([r[0] for r in results])}")
+            print(f"  timer overshoot past deadline:      {summary([r[1] for r in results])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

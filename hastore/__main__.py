@@ -1,0 +1,5 @@
+import sys
+
+from hastore.cli.main import main
+
+sys.exit(main())

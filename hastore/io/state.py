@@ -1,0 +1,73 @@
+"""Persistent daemon state: our boot generation and the highest generation seen from each peer.
+
+The generation must grow across restarts so that beats recorded before a restart are stale afterwards.
+It is max(stored + 1, wall-clock seconds): it still grows if the state directory is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+
+class StateError(Exception):
+    pass
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class StateStore:
+    def __init__(self, directory: str):
+        self.dir = Path(directory)
+
+    def _prepare(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise StateError(f"state directory {self.dir}: {e.strerror}") from e
+
+    def next_generation(self) -> int:
+        """Read, increment and durably store our generation before we send a single beat."""
+        self._prepare()
+        path = self.dir / "generation"
+        stored = 0
+        try:
+            stored = int(path.read_text().strip() or 0)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            raise StateError(f"{path}: cannot read the boot generation ({e}); remove it to start afresh") from e
+        generation = max(stored + 1, int(time.time()))
+        try:
+            _write_atomically(path, f"{generation}\n")
+        except OSError as e:
+            raise StateError(f"{path}: cannot store the boot generation: {e.strerror}") from e
+        return generation
+
+    def load_floors(self) -> dict[str, int]:
+        path = self.dir / "peers.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return {}  # a damaged file only weakens replay protection until the peer's next beat; never fatal
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, int)}
+
+    def save_floors(self, generations: dict[str, int]) -> None:
+        self._prepare()
+        _write_atomically(self.dir / "peers.json", json.dumps(generations, sort_keys=True) + "\n")
