@@ -42,6 +42,12 @@ def load(path: str, node: str | None = None, allow_insecure_auth: bool = False) 
         if os.path.basename(path) == "ha.cf":
             return load_legacy(os.path.dirname(path) or ".", node, allow_insecure_auth)
         if not os.path.exists(path):
+            try:
+                os.stat(path)
+            except PermissionError:
+                raise ConfigError([f"{path}: permission denied (a directory on the way is not searchable)"]) from None
+            except OSError:
+                pass
             raise ConfigError([f"{path}: no such file or directory (give a hastore.toml file, "
                                f"or a Heartbeat directory such as {DEFAULT_LEGACY_DIR})"])
         return load_toml(path, node, allow_insecure_auth)

@@ -1,6 +1,7 @@
 """The legacy front door: ha.cf + authkeys + haresources, as Heartbeat 3.0.6 reads them."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -400,8 +401,27 @@ def test_bad_haresources(tmp_path, line, message):
     assert len(errors) == 1 and errors[0].startswith(message), errors
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads unreadable files")
 def test_unreadable_file(tmp_path):
+    # root reads files of any mode, so make the read fail another way that also runs in CI (as root)
+    path = hb(tmp_path)
+    (tmp_path / "haresources").mkdir()
+    assert errors_of(path) == ["haresources: cannot read: it is a directory, not a file"]
+
+
+def test_permission_denied_is_reported_not_raised():
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    tmp_path = Path(tempfile.mkdtemp(prefix="hastore-perm-"))  # under /tmp, traversable by nobody
+    os.chmod(tmp_path, 0o755)
     path = hb(tmp_path, haresources="alpha nginx\n")
     os.chmod(tmp_path / "haresources", 0)
-    assert errors_of(path) == ["haresources: cannot read: Permission denied"]
+    code = ("import sys\nfrom hastore.config import load, ConfigError\n"
+            f"try:\n    load({str(path)!r}, node='alpha')\nexcept ConfigError as e:\n    print(e)\n")
+    # as root, drop to nobody so the read really fails; as a user the file is unreadable anyway
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    r = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+    shutil.rmtree(tmp_path)
+    assert "haresources: cannot read: Permission denied" in r.stdout, (r.stdout, r.stderr)
