@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import ipaddress
 import random
 import socket
@@ -129,6 +130,15 @@ class _Prober:
         self.sock.close()
 
 
+@functools.lru_cache(maxsize=256)
+def _parse(address: str) -> tuple[str, int, str]:
+    """(normalised address, IP version, scope) of a ping target; ValueError if it is not an address."""
+    host, _, scope = address.partition("%")
+    ip = ipaddress.ip_address(host)
+    return str(ip), ip.version, scope
+
+
+@functools.lru_cache(maxsize=256)
 def _normalise(address: str) -> str:
     return str(ipaddress.ip_address(address.split("%")[0]))
 
@@ -152,7 +162,10 @@ class Pinger:
     def modes(self) -> dict[str, str]:
         return {("ipv4" if f == socket.AF_INET else "ipv6"): p.kind for f, p in self._probers.items()}
 
-    async def open(self, on_reply: Callable[[str], None]) -> None:
+    async def open(self, on_reply: Callable[[str], None] | None = None) -> None:
+        """With `on_reply`, replies are reported as they arrive. Without it the sockets are not watched and
+        the caller collects replies with `drain()` (the daemon does so on its beat timer: one wake-up less
+        per ping, and a reply only has to count within deadtime)."""
         self._on_reply = on_reply
         self._loop = asyncio.get_running_loop()
         for family in (socket.AF_INET, socket.AF_INET6):
@@ -162,24 +175,31 @@ class Pinger:
                 self.errors.append(f"{family.name}: cannot open an ICMP socket: {exc}")
                 continue
             self._probers[family] = prober
-            self._loop.add_reader(prober.sock.fileno(), self._readable, prober)
+            if on_reply is not None:
+                self._loop.add_reader(prober.sock.fileno(), self._readable, prober)
         if not self._probers:
             raise OSError("cannot open any ICMP socket: " + "; ".join(self.errors))
 
+    def drain(self) -> list[str]:
+        """Every matching reply received since the last call (non-blocking)."""
+        out: list[str] = []
+        for prober in self._probers.values():
+            out += prober.replies()
+        return out
+
     def ping(self, address: str) -> None:
         try:
-            host, _, scope = address.partition("%")
-            ip = ipaddress.ip_address(host)
-            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            ip, version, scope = _parse(address)  # cached: pinged every keepalive
+            family = socket.AF_INET6 if version == 6 else socket.AF_INET
             prober = self._probers.get(family)
             if prober is None:
                 return
             if family == socket.AF_INET6:
                 scope_id = int(scope) if scope.isdigit() else prober.ifindex(scope) if scope else 0
-                sockaddr: tuple = (str(ip), 0, 0, scope_id)
+                sockaddr: tuple = (ip, 0, 0, scope_id)
             else:
-                sockaddr = (str(ip), 0)
-            prober.ping(address, sockaddr, str(ip))
+                sockaddr = (ip, 0)
+            prober.ping(address, sockaddr, ip)
         except (ValueError, OSError):  # not an address, unknown scope interface
             return
 
