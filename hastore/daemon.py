@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
 from dataclasses import replace
 
 from hastore.config import ConfigError, load
@@ -65,6 +66,8 @@ class Daemon:
         self.engine: Engine | None = None
         self.transports: dict[str, Transport] = {}
         self.pinger: Pinger | None = None
+        self.ping_targets: dict[str, str] = {}  # configured name or address -> address pinged
+        self.ping_names: dict[str, list[str]] = {}  # address -> configured names
         self.control: ControlServer | None = None
         self.runner = ClaimOnlyRunner(self.feed)
         self.timer: asyncio.TimerHandle | None = None
@@ -103,10 +106,24 @@ class Daemon:
             await t.open(self._on_packet, self._on_link_error)
             self.transports[link.id] = t
         if self.config.ping_nodes or self.config.ping_groups:
+            self._resolve_ping_targets()
             self.pinger = Pinger()
             await self.pinger.open()  # replies are collected on the beat timer, see _on_timer
         self.control = ControlServer(self.config.control_socket, self.handle_request)
         await self.control.open()
+
+    def _resolve_ping_targets(self) -> None:
+        """Ping nodes may be host names (as in ha.cf): resolve them once, at start and on reload."""
+        names = list(self.config.ping_nodes) + [a for g in self.config.ping_groups for a in g.addresses]
+        self.ping_targets, self.ping_names = {}, {}
+        for name in dict.fromkeys(names):
+            try:
+                address = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)[0][4][0]
+            except (socket.gaierror, UnicodeError) as e:
+                self.log.error("ping node", detail=f"cannot resolve ping node {name!r}: {e}; it counts as unreachable")
+                continue
+            self.ping_targets[name] = address
+            self.ping_names.setdefault(address, []).append(name)
 
     def _close_io(self) -> None:
         if self.timer is not None:
@@ -147,7 +164,8 @@ class Daemon:
     def _on_timer(self) -> None:
         if self.pinger is not None:
             for address in self.pinger.drain():
-                self.feed(E.PingReply(address))
+                for name in self.ping_names.get(address, ()):
+                    self.feed(E.PingReply(name))
         self.feed(E.Tick())
 
     def _execute(self, a: A.Action) -> None:
@@ -156,8 +174,8 @@ class Daemon:
             if t is not None:
                 t.send(a.data)
         elif isinstance(a, A.Ping):
-            if self.pinger is not None:
-                self.pinger.ping(a.address)
+            if self.pinger is not None and a.address in self.ping_targets:
+                self.pinger.ping(self.ping_targets[a.address])
         elif isinstance(a, A.StartGroup):
             self.runner.start(a.group)
         elif isinstance(a, A.StopGroup):
@@ -221,6 +239,8 @@ class Daemon:
             self.log.error("reload refused", reason=why)
             return {"ok": False, "error": why}
         self.config = new
+        if self.pinger is not None:
+            self._resolve_ping_targets()
         for w in new.warnings:
             self.log.warning("config", detail=w)
         self.feed(E.Reload(new))

@@ -41,10 +41,13 @@ class AuthAlgorithm(enum.Enum):
 
 @dataclass(frozen=True)
 class Timing:
+    """Defaults are Heartbeat 3.0.6's (config.c): warntime = deadtime / 2; initdead = deadtime when deadtime
+    is over 10 s. The loaders fill unset values by the same rules (hastore.config.common.default_timing)."""
+
     keepalive_ms: int = 1000
-    warntime_ms: int = 10000
+    warntime_ms: int = 15000
     deadtime_ms: int = 30000
-    initdead_ms: int = 60000
+    initdead_ms: int = 30000
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,12 @@ class Engine:
             return
         self._resolved("cannot-take-over", name)
         if not alive:
-            who = f"{peer} is {self.membership.state(peer).value}" if peer else "this node has no peer"
+            if peer is None:
+                who = "this node has no peer"
+            elif self.membership.peers[peer].left_at is not None:
+                who = f"{peer} left the cluster"
+            else:
+                who = f"{peer} is {self.membership.state(peer).value}"
             self._set(g, GroupState.STARTING, f"taking group {name}: {who}", A.StartGroup(name), out, why)
             return
         peer_can = self.pings.configured == 0 or (info.ping_count or 0) >= max(1, self.pings.count(self.now))
@@ -387,13 +392,12 @@ class Engine:
 
     def _group_status(self, g: GroupTrack, peer_alive: bool) -> dict:
         name = g.spec.name
-        owner = None
-        state = g.state.value
+        owner, state, reason = None, g.state.value, g.reason
         if g.state in CLAIMING:
             owner = self.node
         elif peer_alive and name in self.peer_info[self.peer].claims:
-            owner, state = self.peer, "started"
-        return {"owner": owner, "state": state, "preferred": g.spec.preferred_node, "reason": g.reason}
+            owner, state, reason = self.peer, "started", f"held by {self.peer}"
+        return {"owner": owner, "state": state, "preferred": g.spec.preferred_node, "reason": reason}
 
 
 def _timing(c: Config) -> str:

@@ -230,7 +230,7 @@ class Lab:
                  f" forward_delay 0 mcast_snooping 0",
                  f"link add {a.hb_if} netns {a.netns} index 10 type veth"
                  f" peer name {b.hb_if} netns {b.netns} index 11"]
-        lan = [f"link set lo up", f"link set {self.bridge} up",
+        lan = ["link set lo up", f"link set {self.bridge} up",
                f"addr add {GATEWAY}/24 dev {self.bridge}",
                f"addr add {GATEWAY6}/64 dev {self.bridge} nodad"]
         for i, node in enumerate(self.nodes.values()):

@@ -34,7 +34,8 @@ def hastore_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "hastore"]
 
 
-def write_legacy_config(lab: Lab, node: Node, timing: PairTiming, ping: bool = True) -> Path:
+def write_legacy_config(lab: Lab, node: Node, timing: PairTiming, ping: bool | str = True) -> Path:
+    """ping: True pings the LAN gateway by address, a string names the ping node as written, False none."""
     peer = lab.peer(node)
     d = lab.workdir / node.name / "ha.d"
     d.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,7 @@ def write_legacy_config(lab: Lab, node: Node, timing: PairTiming, ping: bool = T
         "udpport 694\n"
         f"ucast {node.hb_if} {peer.hb_addr}\n"
         f"serial {node.serial}\nbaud 115200\n"
-        + (f"ping {lab.gateway}\n" if ping else "")
+        + (f"ping {ping if isinstance(ping, str) else lab.gateway}\n" if ping else "")
         + "auto_failback off\n"
         f"node {lab.nodes[sorted(lab.nodes)[0]].name}\nnode {lab.nodes[sorted(lab.nodes)[1]].name}\n")
     first = lab.nodes[sorted(lab.nodes)[0]].name
@@ -59,7 +60,7 @@ def write_legacy_config(lab: Lab, node: Node, timing: PairTiming, ping: bool = T
 class Pair:
     """Starts and stops the two daemons; `status(node)` asks a node with `hastore status --json`."""
 
-    def __init__(self, lab: Lab, timing: PairTiming = PairTiming(), ping: bool = True):
+    def __init__(self, lab: Lab, timing: PairTiming = PairTiming(), ping: bool | str = True):
         self.lab = lab
         self.timing = timing
         self.ping = ping

@@ -3,7 +3,6 @@ configured with legacy Heartbeat files. Everything is asked through `hastore sta
 
 import json
 import signal
-import socket
 import time
 
 import pytest
@@ -137,3 +136,11 @@ def test_status_without_a_daemon_says_so(lab):
     r = lab.nodes["alpha"].run([*hastore_argv(), "status"])
     assert r.returncode == 1
     assert "no such socket" in r.stderr and "hastore run" in r.stderr
+
+
+def test_a_ping_node_given_by_host_name_is_resolved_and_counted(lab):
+    # the lab's /etc/hosts names the LAN bridge "gateway", as an admin's ha.cf often does
+    with Pair(lab, PairTiming(), ping="gateway") as p:
+        p.start("alpha")
+        s = p.wait_for("alpha", lambda s: s["ping"]["count"] == 1, timeout=10)
+        assert s["ping"]["nodes"] == {"gateway": True}

@@ -9,50 +9,16 @@ sockets; the sockets stay in that namespace and the one event loop drives them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import os
 import subprocess
 import time
 
 import pytest
+from nsutil import netns, sh
 
 from hastore.io.pinger import Pinger
 
-CLONE_NEWNET = 0x40000000
 pytestmark = pytest.mark.root  # raw ICMP sockets, namespaces: tests/conftest.py skips (or fails under CI)
-
-
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, text=True)
-
-
-def _setns(fd: int) -> None:
-    if hasattr(os, "setns"):  # Python >= 3.12
-        os.setns(fd, CLONE_NEWNET)
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextlib.contextmanager
-def netns(name: str | None):
-    if name is None:
-        yield
-        return
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    there = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        _setns(there)
-        try:
-            yield
-        finally:
-            _setns(here)
-    finally:
-        os.close(here)
-        os.close(there)
 
 
 A4, B4, A6, B6 = "10.232.0.1", "10.232.0.2", "fd00:232::1", "fd00:232::2"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -20,42 +19,12 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from nsutil import netns, sh
 
 from hastore.config.model import Link, LinkKind
 from hastore.io.transports import SerialTransport, TransportError, make_transport
 
 PORT = 694  # the namespaces are private, so the real Heartbeat port is free
-CLONE_NEWNET = 0x40000000
-
-
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, text=True)
-
-
-def _setns(fd: int) -> None:
-    if hasattr(os, "setns"):  # Python >= 3.12
-        os.setns(fd, CLONE_NEWNET)
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextlib.contextmanager
-def netns(name: str):
-    """Run the body with this thread in network namespace `name` (sockets made there stay there)."""
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    there = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        _setns(there)
-        try:
-            yield
-        finally:
-            _setns(here)
-    finally:
-        os.close(here)
-        os.close(there)
 
 
 @dataclass

@@ -207,3 +207,9 @@ def test_the_documented_schema_loads(tmp_path):
     cfg = load(write(tmp_path, block.replace("/dev/ttyS0", str(dev))), node="alpha")
     assert [link.kind for link in cfg.links] == [LinkKind.UCAST, LinkKind.MCAST, LinkKind.SERIAL]
     assert cfg.groups[0].resources[0].params == (("fstype", "ext4"),)
+
+
+def test_model_defaults_match_the_loaders_heartbeat_defaults():
+    from hastore.config.common import default_timing
+    from hastore.config.model import Timing
+    assert default_timing() == Timing()
