@@ -94,7 +94,10 @@ class Engine:
         out: list[A.Action] = []
         why: list[str] = []
         if isinstance(event, E.PacketReceived):
-            self._on_packet(event, now, out, why)
+            if self._on_packet(event, now, out, why) and not out and not why:
+                # The same message again over another link, no state changed: nothing to decide. (Half of all
+                # packets with two links; the time-driven checks run at next_deadline() anyway.)
+                return A.Decision()
         elif isinstance(event, E.PingReply):
             self.pings.reply(event.address, now)
         elif isinstance(event, E.LinkTrouble):
@@ -127,7 +130,8 @@ class Engine:
         return min(times)
 
     # -- receiving ------------------------------------------------------------------------------
-    def _on_packet(self, ev: E.PacketReceived, now: float, out: list, why: list) -> None:
+    def _on_packet(self, ev: E.PacketReceived, now: float, out: list, why: list) -> bool:
+        """Returns True when the packet was a duplicate that only refreshed its link."""
         v = self.verifier.verify(ev.data, ev.link)
         if v.verdict not in (Verdict.OK, Verdict.DUPLICATE):
             out.append(A.Notify("rejected", f"{v.verdict.name.lower()} on {ev.link}: {v.detail}", link=ev.link))
@@ -155,7 +159,7 @@ class Engine:
             return  # a beat sent just before it left, or after: that process is going away
         self._membership_changes(self.membership.heard(msg.src, ev.link, now), out, why)
         if v.verdict is Verdict.DUPLICATE:
-            return  # the same message over a second link: proves that link alive, processed once already
+            return True  # the same message over a second link: proves that link alive, processed once already
         if msg.rid:
             self._acknowledge(msg, out)
             if msg.rid in info.seen_rids:
