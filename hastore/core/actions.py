@@ -55,7 +55,6 @@ class Exit:
     code: int = 0
 
 
-Action = Send | Ping | StartGroup | StopGroup | PersistGenerations | Notify | Exit
 
 ROUTINE = (Send, Ping)
 
@@ -68,4 +67,21 @@ class Decision:
     @property
     def routine(self) -> bool:
         """True when the decision only sends beats or pings: the shell need not log it."""
-        return all(isinstance(a, ROUTINE) for a in self.actions)
+        return all(isinstance(a, ROUTINE) or (isinstance(a, RunAgent) and a.op == "monitor") for a in self.actions)
+
+
+@dataclass(frozen=True)
+class RunAgent:
+    """Run one resource agent operation (start | stop | monitor) of resource `index` of `group`.
+
+    The shell kills it at `timeout_s` and reports AgentDone with rc -1. `op_id` ties the result to the request.
+    """
+
+    group: str
+    index: int
+    op: str
+    timeout_s: float
+    op_id: int
+
+
+Action = Send | Ping | StartGroup | StopGroup | RunAgent | PersistGenerations | Notify | Exit

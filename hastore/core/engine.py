@@ -13,20 +13,23 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from hastore.config.model import Config, Group
+from hastore.config.model import AutoFailback, Config, Group
 from hastore.core import actions as A
 from hastore.core import events as E
 from hastore.core.arbitration import PingView
 from hastore.core.membership import Change, Liveness, Membership
+from hastore.core.resources import GroupOps, Outcome, Policy
 from hastore.core.wire import Message, MsgType, Verdict, Verifier, encode, signing_key
 
 
 class GroupState(enum.Enum):
+    PROBING = "probing"  # at start: asking every resource whether it already runs here
     STOPPED = "stopped"
     STARTING = "starting"
     STARTED = "started"
     STOPPING = "stopping"
-    FAILED = "failed"  # a start failed here: not retried automatically
+    FAILED = "failed"  # failed here (start, or monitoring gave up): the peer may take it; retried here only
+    #                    when the peer is not alive
     STOP_FAILED = "stop-failed"  # resources may still be held: keep claiming so the peer never starts it
 
 
@@ -38,6 +41,7 @@ class GroupTrack:
     spec: Group
     state: GroupState = GroupState.STOPPED
     reason: str = "not started yet"
+    failed_at: float | None = None
 
 
 @dataclass
@@ -47,6 +51,8 @@ class PeerInfo:
     generation: int | None = None
     claims: frozenset[str] = frozenset()
     ping_count: int | None = None
+    failed: frozenset[str] = frozenset()  # groups that failed on the peer
+    standby: frozenset[str] = frozenset()  # groups the peer was told to give away
     status: str = ""
     left_generation: int | None = None  # the generation that said goodbye: its late beats prove nothing
     seen_rids: set[int] = field(default_factory=set)
@@ -64,7 +70,8 @@ class Pending:
 
 
 class Engine:
-    def __init__(self, config: Config, generation: int, now: float, floors: dict[str, int] | None = None):
+    def __init__(self, config: Config, generation: int, now: float, floors: dict[str, int] | None = None,
+                 policy: Policy | None = None):
         self.config = config
         self.node = config.node
         self.generation = generation
@@ -75,7 +82,10 @@ class Engine:
         self.membership = Membership(config.peers, self.links, config.timing, now)
         self.pings = PingView(config.ping_nodes, config.ping_groups, config.timing.deadtime_ms / 1000)
         self.peer_info = {p: PeerInfo() for p in config.peers}
-        self.groups = {g.name: GroupTrack(g) for g in config.groups}
+        self.groups = {g.name: GroupTrack(g, GroupState.PROBING, "probing its resources") for g in config.groups}
+        self.ops = {g.name: GroupOps(g, policy or Policy()) for g in config.groups}
+        self.standby: set[str] = set()  # groups an operator moved away from this node
+        self.probed = False
         self.outbox: dict[int, Pending] = {}
         self.next_beat = now
         self.leaving = False
@@ -103,15 +113,21 @@ class Engine:
         elif isinstance(event, E.LinkTrouble):
             out.append(A.Notify("link-trouble", f"link {event.link}: {event.detail}", link=event.link))
             why.append(f"link {event.link} reports trouble: {event.detail}")
-        elif isinstance(event, E.GroupDone):
-            self._on_group_done(event, out, why)
+        elif isinstance(event, E.AgentDone):
+            self._on_agent_done(event, now, out, why)
+        elif isinstance(event, E.Admin):
+            self._on_admin(event, now, out, why)
         elif isinstance(event, E.Shutdown):
             if not self.leaving:
                 self.leaving = True
                 why.append("shutdown requested: releasing groups, then telling the peer")
         elif isinstance(event, E.Reload):
             why.append(self._reload(event.config))
+        if not self.probed:
+            self._probe(now, out, why)
         self._membership_changes(self.membership.tick(now), out, why)
+        for name, ops in self.ops.items():
+            out.extend(ops.tick(now))
         if self.leaving:
             self._leave(now, out, why)
         else:
@@ -127,6 +143,7 @@ class Engine:
             if t is not None:
                 times.append(t)
         times += [p.next_try for p in self.outbox.values()]
+        times += [t for t in (ops.next_deadline() for ops in self.ops.values()) if t is not None]
         return min(times)
 
     # -- receiving ------------------------------------------------------------------------------
@@ -175,6 +192,10 @@ class Engine:
             if pending is not None and pending.type is MsgType.LEAVE and self.leaving:
                 why.append(f"{msg.src} acknowledged our leaving")
                 self.exit_at = now
+        elif msg.type is MsgType.REQUEST and msg.body.get("kind") == "standby":
+            groups = [g for g in _names(msg.body.get("groups")) if g in self.groups]
+            why.append(f"{msg.src} asked to take over group(s) {', '.join(sorted(groups)) or 'none'}")
+            self._standby(groups, now, out, why)
         elif msg.type is MsgType.LEAVE:
             info.claims = frozenset()
             info.left_generation = msg.generation
@@ -186,6 +207,8 @@ class Engine:
         p = msg.body.get("p")
         info.ping_count = p if isinstance(p, int) and not isinstance(p, bool) else None
         info.status = str(msg.body.get("st", ""))
+        info.failed = _names(msg.body.get("f"))
+        info.standby = _names(msg.body.get("sb"))
 
     def _acknowledge(self, msg: Message, out: list) -> None:
         self._broadcast(MsgType.ACK, msg.src, {}, out, ack=msg.rid)
@@ -199,42 +222,96 @@ class Engine:
             why.append(c.reason)
 
     # -- groups ---------------------------------------------------------------------------------
-    def _on_group_done(self, ev: E.GroupDone, out: list, why: list) -> None:
-        g = self.groups.get(ev.group)
-        if g is None:
+    def _probe(self, now: float, out: list, why: list) -> None:
+        """Once, at start: ask every resource whether it already runs here (adopt rather than start twice)."""
+        self.probed = True
+        if self.ops:
+            why.append(f"probing {len(self.ops)} group(s) for resources already running here")
+        for name, ops in self.ops.items():
+            actions, outcome = ops.probe(now)
+            out.extend(actions)
+            if outcome is not None:
+                self._on_outcome(self.groups[name], outcome, now, out, why)
+
+    def _on_agent_done(self, ev: E.AgentDone, now: float, out: list, why: list) -> None:
+        ops = self.ops.get(ev.group)
+        if ops is None:
             return
-        detail = f": {ev.detail}" if ev.detail else ""
-        if ev.op == "start":
-            g.state = GroupState.STARTED if ev.ok else GroupState.FAILED
-        else:
-            g.state = GroupState.STOPPED if ev.ok else GroupState.STOP_FAILED
-        verb = {"start": "started", "stop": "stopped"}[ev.op] if ev.ok else f"failed to {ev.op}"
-        g.reason = f"group {ev.group} {verb}{detail}"
-        why.append(g.reason)
-        if not ev.ok:
-            out.append(A.Notify("group-failed", g.reason, group=ev.group))
-        self.next_beat = self.now  # tell the peer what we hold now, not a keepalive later
+        actions, outcome = ops.on_result(ev.op, ev.index, ev.op_id, ev.rc, ev.detail, now)
+        out.extend(actions)
+        if ev.op == "monitor" and ev.rc != 0 and ops.busy and ops.op.kind in ("restart", "failover"):
+            why.append(ops.op.failure)
+            out.append(A.Notify("resource-failed", ops.op.failure, group=ev.group))
+        if outcome is not None:
+            self._on_outcome(self.groups[ev.group], outcome, now, out, why)
+
+    def _on_outcome(self, g: GroupTrack, o: Outcome, now: float, out: list, why: list) -> None:
+        name = g.spec.name
+        if o.kind == "probed":
+            if o.running:
+                g.state = GroupState.STARTED
+            elif any(r["state"] in ("started", "failed") for r in self.ops[name].status()):
+                self._set(g, GroupState.STOPPING, o.reason, A.StopGroup(name), out, why)
+                return
+            else:
+                g.state = GroupState.STOPPED
+        elif o.kind in ("started", "restarted"):
+            g.state = GroupState.STARTED
+        elif o.kind == "stopped":
+            g.state = GroupState.STOPPED
+        elif o.kind in ("start-failed", "failover"):
+            g.state, g.failed_at = GroupState.FAILED, now
+        elif o.kind == "stop-failed":
+            g.state = GroupState.STOP_FAILED
+        g.reason = o.reason
+        why.append(o.reason)
+        if o.kind in ("start-failed", "failover", "stop-failed"):
+            out.append(A.Notify("group-failed", o.reason, group=name))
+        self.next_beat = now  # tell the peer what we hold now, not a keepalive later
 
     def claims(self) -> list[str]:
         return sorted(n for n, g in self.groups.items() if g.state in CLAIMING)
 
     def _place(self, now: float, out: list, why: list) -> None:
         peer = self.peer
+        if any(g.state is GroupState.PROBING for g in self.groups.values()):
+            return  # adopt or clean up what already runs here before deciding anything
         if peer is not None and self.membership.state(peer) is Liveness.INIT:
             return  # initdead: wait to hear from the peer before deciding anything
         alive = peer is not None and self.membership.alive(peer)
         info = self.peer_info[peer] if alive else PeerInfo()
         verdict = self.pings.judge(now, info.ping_count if alive else None)
+        if not alive and self.standby:
+            why.append(f"standby of {', '.join(sorted(self.standby))} ends: the peer is not alive")
+            self.standby.clear()
         for name, g in self.groups.items():
             theirs = alive and name in info.claims
             if g.state in CLAIMING and theirs:
                 self._once(out, why, "dual-claim", name, f"both nodes claim group {name}: this node ({self.node}) and {peer}")
                 continue
             self._resolved("dual-claim", name)
-            if g.state is GroupState.STARTED and alive and verdict.should_yield:
-                self._set(g, GroupState.STOPPING, f"releasing group {name}: {verdict.reason}", A.StopGroup(name), out, why)
-            elif g.state is GroupState.STOPPED and not theirs:
+            if g.state is GroupState.STARTED and alive:
+                release = self._release_reason(g, peer, info, verdict)
+                if release:
+                    self._set(g, GroupState.STOPPING, release, A.StopGroup(name), out, why)
+            elif g.state in (GroupState.STOPPED, GroupState.FAILED) and not theirs:
+                if alive and (g.state is GroupState.FAILED or name in self.standby):
+                    continue  # the peer may take it; this node does not
                 self._maybe_take(g, peer, alive, info, verdict, out, why)
+
+    def _peer_can(self, info: PeerInfo) -> bool:
+        """Whether the (alive) peer may hold groups by its ping view: it sees some, and not fewer than we do."""
+        return self.pings.configured == 0 or (info.ping_count or 0) >= max(1, self.pings.count(self.now))
+
+    def _release_reason(self, g: GroupTrack, peer: str, info: PeerInfo, verdict) -> str:
+        name = g.spec.name
+        if verdict.should_yield:
+            return f"releasing group {name}: {verdict.reason}"
+        if (self.config.auto_failback is AutoFailback.ON and g.spec.preferred_node == peer
+                and info.status == "active" and name not in info.failed and name not in info.standby
+                and self._peer_can(info)):
+            return f"auto_failback on: handing group {name} back to its preferred node {peer}"
+        return ""
 
     def _maybe_take(self, g: GroupTrack, peer, alive: bool, info: PeerInfo, verdict, out: list, why: list) -> None:
         name = g.spec.name
@@ -249,21 +326,67 @@ class Engine:
                 who = f"{peer} left the cluster"
             else:
                 who = f"{peer} is {self.membership.state(peer).value}"
-            self._set(g, GroupState.STARTING, f"taking group {name}: {who}", A.StartGroup(name), out, why)
+            again = " (it failed here before)" if g.state is GroupState.FAILED else ""
+            self._set(g, GroupState.STARTING, f"taking group {name}{again}: {who}", A.StartGroup(name), out, why)
             return
-        peer_can = self.pings.configured == 0 or (info.ping_count or 0) >= max(1, self.pings.count(self.now))
-        if g.spec.preferred_node == self.node:
-            self._set(g, GroupState.STARTING, f"starting group {name}: this node is its preferred node and nobody holds it",
-                      A.StartGroup(name), out, why)
-        elif not peer_can:
-            self._set(g, GroupState.STARTING, f"starting group {name}: nobody holds it and {peer} sees fewer ping nodes",
-                      A.StartGroup(name), out, why)
+        if info.status != "active":
+            return  # the peer is still probing or leaving: let it settle
+        if name in info.standby:
+            why_take = f"{peer} was put in standby for it"
+        elif name in info.failed:
+            why_take = f"it failed on {peer}"
+        elif g.spec.preferred_node == self.node:
+            why_take = "this node is its preferred node and nobody holds it"
+        elif not self._peer_can(info):
+            why_take = f"nobody holds it and {peer} sees fewer ping nodes"
+        else:
+            return
+        self._set(g, GroupState.STARTING, f"starting group {name}: {why_take}", A.StartGroup(name), out, why)
 
     def _set(self, g: GroupTrack, state: GroupState, reason: str, action: A.Action, out: list, why: list) -> None:
         g.state, g.reason = state, reason
         out.append(action)
         why.append(reason)
         self.next_beat = self.now
+        ops = self.ops[g.spec.name]
+        actions, outcome = ops.start(self.now) if isinstance(action, A.StartGroup) else ops.stop(self.now)
+        out.extend(actions)
+        if outcome is not None:
+            self._on_outcome(g, outcome, self.now, out, why)
+
+    # -- operator commands ----------------------------------------------------------------------
+    def _scope(self, scope: str) -> list[str]:
+        if scope == "local":
+            return [n for n, g in self.groups.items() if g.spec.preferred_node == self.node]
+        if scope in ("foreign", "failback"):
+            return [n for n, g in self.groups.items() if g.spec.preferred_node != self.node]
+        return list(self.groups)
+
+    def _on_admin(self, ev: E.Admin, now: float, out: list, why: list) -> None:
+        groups = self._scope(ev.scope)
+        peer = self.peer
+        alive = peer is not None and self.membership.alive(peer)
+        if ev.command == "standby":
+            if not alive:
+                text = f"refusing standby {ev.scope}: the peer is not alive, the groups would have nowhere to go"
+                why.append(text)
+                out.append(A.Notify("admin-refused", text))
+                return
+            why.append(f"operator: standby {ev.scope}")
+            self._standby(groups, now, out, why)
+        elif ev.command == "takeover":
+            self.standby.difference_update(groups)
+            why.append(f"operator: takeover {ev.scope} ({', '.join(groups) or 'no groups'})")
+            if alive and groups:
+                self._send_reliable(MsgType.REQUEST, peer, {"kind": "standby", "groups": sorted(groups)}, now, out)
+
+    def _standby(self, groups: list[str], now: float, out: list, why: list) -> None:
+        for name in groups:
+            self.standby.add(name)
+            g = self.groups[name]
+            if g.state is GroupState.STARTED:
+                self._set(g, GroupState.STOPPING, f"standby: giving group {name} to {self.peer}", A.StopGroup(name),
+                          out, why)
 
     def _once(self, out: list, why: list, kind: str, key: str, text: str) -> None:
         if (kind, key) not in self.reported:
@@ -280,14 +403,16 @@ class Engine:
         for name, g in self.groups.items():
             if g.state is GroupState.STARTED:
                 self._set(g, GroupState.STOPPING, f"stopping group {name} before leaving", A.StopGroup(name), out, why)
-            if g.state in (GroupState.STARTING, GroupState.STOPPING):
+            if g.state in (GroupState.STARTING, GroupState.STOPPING, GroupState.PROBING):
                 busy = True
         if busy or self.exit_at is not None or any(p.type is MsgType.LEAVE for p in self.outbox.values()):
             return
         stuck = [n for n, g in self.groups.items() if g.state is GroupState.STOP_FAILED]
         if stuck:
-            why.append(f"leaving without telling the peer: group(s) {', '.join(stuck)} failed to stop and may still be held")
-            self.exit_at = now
+            # Leaving now would let the peer start what may still run here. Stay, keep claiming, say so.
+            self._once(out, why, "cannot-leave", ",".join(stuck),
+                       f"not leaving: group(s) {', '.join(stuck)} failed to stop and may still be held here; "
+                       f"staying so that the peer does not start them (fix the resource, or fence this node)")
             return
         alive = [p for p in self.config.peers if self.membership.alive(p)]
         if not alive:
@@ -323,8 +448,14 @@ class Engine:
     def _send_due(self, now: float, out: list) -> None:
         keepalive = self.config.timing.keepalive_ms / 1000
         if now >= self.next_beat:
-            st = "leaving" if self.leaving else "active"
+            probing = any(g.state is GroupState.PROBING for g in self.groups.values())
+            st = "leaving" if self.leaving else "probing" if probing else "active"
             body = {"st": st, "g": self.claims()}
+            failed = sorted(n for n, g in self.groups.items() if g.state is GroupState.FAILED)
+            if failed:
+                body["f"] = failed
+            if self.standby:
+                body["sb"] = sorted(self.standby)
             if self.pings.configured:
                 body["p"] = self.pings.count(now)
             self._broadcast(MsgType.BEAT, "", body, out)
@@ -401,7 +532,12 @@ class Engine:
             owner = self.node
         elif peer_alive and name in self.peer_info[self.peer].claims:
             owner, state, reason = self.peer, "started", f"held by {self.peer}"
-        return {"owner": owner, "state": state, "preferred": g.spec.preferred_node, "reason": reason}
+        return {"owner": owner, "state": state, "preferred": g.spec.preferred_node, "reason": reason,
+                "standby": name in self.standby, "resources": self.ops[name].status()}
+
+
+def _names(value) -> frozenset[str]:
+    return frozenset(v for v in value if isinstance(v, str)) if isinstance(value, list) else frozenset()
 
 
 def _timing(c: Config) -> str:

@@ -42,6 +42,26 @@ class GroupDone:
 
 
 @dataclass(frozen=True)
+class AgentDone:
+    """A RunAgent finished: rc is the agent's exit code, or -1 when the shell killed it at its timeout."""
+
+    group: str
+    index: int
+    op: str
+    op_id: int
+    rc: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Admin:
+    """An operator's command from the control socket: standby or takeover of all | local | foreign groups."""
+
+    command: str
+    scope: str = "all"
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """SIGTERM or `hastore stop`: release what we hold, tell the peer, then exit."""
 
@@ -53,4 +73,4 @@ class Reload:
     config: Config
 
 
-Event = Tick | PacketReceived | LinkTrouble | PingReply | GroupDone | Shutdown | Reload
+Event = Tick | PacketReceived | LinkTrouble | PingReply | GroupDone | AgentDone | Admin | Shutdown | Reload

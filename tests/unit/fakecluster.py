@@ -34,14 +34,23 @@ def make_config(node: str, timing: Timing = Timing(200, 500, 1000, 2000), ping=(
 class Node:
     engine: Engine
     log: list = field(default_factory=list)  # (time, Decision) of every non-empty decision
-    running: bool = True
+    running_daemon: bool = True
     frozen: bool = False
     sees_pings: set = field(default_factory=set)
-    held: set = field(default_factory=set)  # groups whose resources are "running" here
+    running: set = field(default_factory=set)  # (group, index) of resources "running" here
+    faults: dict = field(default_factory=dict)  # (group, index, op) -> exit code the fake agent returns
+    ops_log: list = field(default_factory=list)  # (time, group, index, op, rc) of every agent run
+
+    @property
+    def held(self) -> set:
+        """Groups with any resource running here (from the moment a start begins until a stop succeeds)."""
+        return {g for g, _ in self.running}
 
 
 class FakeCluster:
-    def __init__(self, configs: dict[str, Config], latency=0.001, op_time=0.05, start=100.0, generations=None):
+    def __init__(self, configs: dict[str, Config], latency=0.001, op_time=0.05, start=100.0, generations=None,
+                 policy=None):
+        self.policy = policy
         self.now = start
         self.latency = latency
         self.op_time = op_time
@@ -49,16 +58,19 @@ class FakeCluster:
         self.queue: list = []
         self.counter = itertools.count()
         self.nodes: dict[str, Node] = {}
-        self.wire_log: list[tuple[float, str, str, bytes]] = []  # every delivered datagram (time, to, link, data)
+        self.wire_log: list[tuple[float, str, str, bytes]] = []
+        self.overlaps: list = []  # (time, group, holders) whenever two nodes that can talk hold one group  # every delivered datagram (time, to, link, data)
         generations = generations or {}
         for name, cfg in configs.items():
-            self.nodes[name] = Node(Engine(cfg, generations.get(name, 1), self.now))
+            self.nodes[name] = Node(Engine(cfg, generations.get(name, 1), self.now, policy=policy))
 
     def schedule(self, t: float, node: str, event) -> None:
         heapq.heappush(self.queue, (t, next(self.counter), node, event))
 
     def restart(self, name: str, cfg: Config, generation: int, floors=None) -> None:
-        self.nodes[name] = Node(Engine(cfg, generation, self.now, floors), sees_pings=self.nodes[name].sees_pings)
+        old = self.nodes[name]
+        self.nodes[name] = Node(Engine(cfg, generation, self.now, floors, policy=self.policy),
+                                sees_pings=old.sees_pings, running=old.running, faults=old.faults)
 
     def cut_link(self, link: str, node: str | None = None) -> None:
         """Cut a link in both directions (or only towards `node`)."""
@@ -76,6 +88,10 @@ class FakeCluster:
             node.log.append((self.now, d))
         for a in d.actions:
             self.execute(name, a)
+        for group in {g for n in self.nodes.values() for g in n.held}:
+            holders = self.holders(group)
+            if len(holders) > 1 and not self.cut:
+                self.overlaps.append((self.now, group, holders))  # both nodes hold it while they can talk
         return d
 
     def execute(self, name: str, a) -> None:
@@ -87,20 +103,26 @@ class FakeCluster:
         elif isinstance(a, A.Ping):
             if a.address in node.sees_pings:
                 self.schedule(self.now + self.latency, name, E.PingReply(a.address))
-        elif isinstance(a, A.StartGroup):
-            node.held.add(a.group)
-            self.schedule(self.now + self.op_time, name, E.GroupDone(a.group, "start", True))
-        elif isinstance(a, A.StopGroup):
-            node.held.discard(a.group)
-            self.schedule(self.now + self.op_time, name, E.GroupDone(a.group, "stop", True))
+        elif isinstance(a, A.RunAgent):
+            key = (a.group, a.index)
+            rc = node.faults.get((a.group, a.index, a.op))
+            if a.op == "start":
+                node.running.add(key)  # held from the moment the start begins (worst case for overlap checks)
+                rc = 0 if rc is None else rc
+            elif a.op == "stop":
+                rc = 0 if rc is None else rc
+            else:
+                rc = (0 if key in node.running else 7) if rc is None else rc
+            node.ops_log.append((self.now, a.group, a.index, a.op, rc))
+            self.schedule(self.now + self.op_time, name, E.AgentDone(a.group, a.index, a.op, a.op_id, rc))
         elif isinstance(a, A.Exit):
-            node.running = False
+            node.running_daemon = False
 
     def run_until(self, t_end: float) -> None:
         while True:
             candidates = [(self.queue[0][0], 0, "")] if self.queue else []
             for name, node in self.nodes.items():
-                if node.running and not node.frozen:
+                if node.running_daemon and not node.frozen:
                     candidates.append((max(self.now, node.engine.next_deadline()), 1, name))
             if not candidates or min(candidates)[0] > t_end:
                 self.now = t_end
@@ -114,7 +136,9 @@ class FakeCluster:
             node = self.nodes[name]
             if isinstance(event, E.PacketReceived):
                 self.wire_log.append((self.now, name, event.link, event.data))
-            if node.running and not node.frozen:
+            if isinstance(event, E.AgentDone) and event.op == "stop" and event.rc == 0:
+                node.running.discard((event.group, event.index))  # released only when the stop succeeded
+            if node.running_daemon and not node.frozen:
                 self.deliver(event, name)
 
     def advance(self, seconds: float) -> None:

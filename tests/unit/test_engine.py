@@ -138,7 +138,7 @@ def test_preferred_node_without_ping_lets_the_other_start():
 
 def test_peer_restart_is_seen_as_a_new_generation():
     c = settled()
-    c.nodes["bravo"].running = False
+    c.nodes["bravo"].running_daemon = False
     c.advance(0.3)
     c.restart("bravo", make_config("bravo"), generation=2, floors=None)
     c.advance(1.0)
@@ -151,8 +151,8 @@ def test_peer_restart_is_seen_as_a_new_generation():
 def test_replays_from_before_a_restart_prove_nothing():
     c = settled()
     old = [(link, data) for t, to, link, data in c.wire_log if to == "bravo"]
-    c.nodes["alpha"].running = False  # alpha dies
-    c.nodes["bravo"].running = False
+    c.nodes["alpha"].running_daemon = False  # alpha dies
+    c.nodes["bravo"].running_daemon = False
     gens = c.nodes["bravo"].engine.verifier.generations()
     c.restart("bravo", make_config("bravo"), generation=2, floors=gens)  # bravo restarts and remembers floors
     c.advance(0.5)
@@ -171,7 +171,7 @@ def test_planned_shutdown_hands_over_without_waiting_for_deadtime():
     t0 = c.now
     c.deliver(E.Shutdown(), "alpha")
     c.advance(2.0)
-    assert c.nodes["alpha"].running is False
+    assert c.nodes["alpha"].running_daemon is False
     left = c.first("bravo", "peer-left")
     assert left is not None and left - t0 < 0.3
     assert c.holders("web") == {"bravo"}

@@ -1,0 +1,164 @@
+"""Resource groups on the fake cluster: ordering, rollback, stop escalation, restart-then-failover, adoption,
+hand-off without overlap, standby and takeover. The fake agent runner records every operation it ran."""
+
+from hastore.config.model import AutoFailback, Group, Resource
+from hastore.core import events as E
+from hastore.core.resources import Policy
+
+from fakecluster import LINKS, FakeCluster, make_config
+
+GROUP = Group("db", "alpha", (Resource("disklock", ("/dev/sdb1",)), Resource("Filesystem", ("/dev/sdb2", "/data")),
+                              Resource("IPaddr", ("10.0.0.100",)), Resource("mysql")))
+POLICY = Policy(monitor_interval_s=1.0, max_restarts=2, restart_window_s=60.0, stop_retries=2)
+
+
+def cluster(auto_failback=AutoFailback.OFF, prerun=None, **kw) -> FakeCluster:
+    from dataclasses import replace
+    cfg = {n: replace(make_config(n, groups=(GROUP,), **kw), auto_failback=auto_failback) for n in ("alpha", "bravo")}
+    c = FakeCluster(cfg, policy=POLICY)
+    for node, keys in (prerun or {}).items():
+        c.nodes[node].running.update(keys)
+    return c
+
+
+def ops(c: FakeCluster, node: str, op: str | None = None) -> list[tuple[int, str]]:
+    return [(i, o) for _, g, i, o, _ in c.nodes[node].ops_log if op is None or o == op]
+
+
+def test_start_in_order_stop_in_reverse():
+    c = cluster()
+    c.advance(2.0)
+    assert [i for i, o in ops(c, "alpha", "start")] == [0, 1, 2, 3]
+    c.deliver(E.Shutdown(), "alpha")
+    c.advance(2.0)
+    assert [i for i, o in ops(c, "alpha", "stop")] == [3, 2, 1, 0]
+    assert c.holders("db") == {"bravo"}
+    assert c.overlaps == []
+
+
+def test_failed_start_rolls_back_in_reverse_and_the_peer_takes_the_group():
+    c = cluster()
+    c.nodes["alpha"].faults[("db", 2, "start")] = 1
+    c.advance(3.0)
+    assert ops(c, "alpha")[4:] == [(0, "start"), (1, "start"), (2, "start"), (2, "stop"), (1, "stop"), (0, "stop")]
+    st = c.status("alpha")["groups"]["db"]
+    assert "failed to start: IPaddr::10.0.0.100: start failed (generic error)" in c.reasons("alpha")
+    assert c.holders("db") == {"bravo"}
+    assert "starting group db: it failed on alpha" in c.reasons("bravo")
+    assert st["owner"] == "bravo"
+    assert c.overlaps == []
+
+
+def test_a_stop_that_keeps_failing_blocks_the_takeover():
+    c = cluster()
+    c.advance(2.0)
+    c.nodes["alpha"].faults[("db", 1, "stop")] = 1  # the filesystem will not unmount
+    c.deliver(E.Admin("standby", "all"), "alpha")
+    c.advance(5.0)
+    assert ops(c, "alpha", "stop") == [(3, "stop"), (2, "stop"), (1, "stop"), (1, "stop"), (1, "stop")]  # 2 retries
+    assert c.status("alpha")["groups"]["db"]["state"] == "stop-failed"
+    assert c.holders("db") == {"alpha"} and ops(c, "bravo", "start") == []
+    c.deliver(E.Shutdown(), "alpha")
+    c.advance(5.0)
+    assert c.nodes["alpha"].running_daemon is True  # it stays, so the peer keeps seeing the claim
+    assert "not leaving: group(s) db failed to stop" in c.reasons("alpha")
+    assert ops(c, "bravo", "start") == []
+
+
+def test_monitor_failure_restarts_in_place_then_fails_over():
+    c = cluster()
+    c.advance(2.0)
+    n = len(ops(c, "alpha"))
+    c.nodes["alpha"].faults[("db", 3, "monitor")] = 7  # mysql keeps dying
+    c.advance(1.2)
+    # restart in place: only the failed resource (the last one) is stopped and started again
+    assert [x for x in ops(c, "alpha")[n:] if x[1] != "monitor"][:2] == [(3, "stop"), (3, "start")]
+    assert "restart 1 of 2" in c.reasons("alpha")
+    c.advance(10.0)
+    assert "failed over: mysql: monitor says not running" in c.reasons("alpha")
+    assert c.holders("db") == {"bravo"}
+    assert c.status("bravo")["groups"]["db"]["owner"] == "bravo"
+    assert c.overlaps == []
+
+
+def test_a_failed_middle_resource_restarts_what_depends_on_it():
+    c = cluster()
+    c.advance(2.0)
+    c.nodes["alpha"].faults[("db", 1, "monitor")] = 7
+    n = len(ops(c, "alpha"))
+    c.advance(1.5)
+    c.nodes["alpha"].faults.pop(("db", 1, "monitor"))
+    tail = [x for x in ops(c, "alpha")[n:] if x[1] != "monitor"]
+    assert tail[:6] == [(3, "stop"), (2, "stop"), (1, "stop"), (1, "start"), (2, "start"), (3, "start")]
+
+
+def test_resources_already_running_are_adopted_not_started_twice():
+    keys = {("db", i) for i in range(4)}
+    c = cluster(prerun={"alpha": keys})
+    c.advance(3.0)
+    assert ops(c, "alpha", "start") == []
+    assert c.status("alpha")["groups"]["db"]["state"] == "started"
+    assert "already running here: adopting it" in c.reasons("alpha")
+    assert c.holders("db") == {"alpha"}
+
+
+def test_a_partly_running_group_is_stopped_before_anything_else():
+    c = cluster(prerun={"bravo": {("db", 0), ("db", 1)}})
+    c.advance(3.0)
+    assert [x for x in ops(c, "bravo") if x[1] != "monitor"] == [(3, "stop"), (2, "stop"), (1, "stop"), (0, "stop")]
+    assert c.holders("db") == {"alpha"}
+
+
+def test_auto_failback_hands_the_group_back_without_overlap():
+    c = cluster(auto_failback=AutoFailback.ON)
+    c.advance(2.0)
+    c.nodes["alpha"].running_daemon = False
+    c.nodes["alpha"].running.clear()  # the node died with everything on it
+    c.advance(3.0)
+    assert c.holders("db") == {"bravo"}
+    c.restart("alpha", make_config_af("alpha", AutoFailback.ON), generation=2)
+    c.advance(4.0)
+    assert c.holders("db") == {"alpha"}
+    assert "auto_failback on: handing group db back to its preferred node alpha" in c.reasons("bravo")
+    assert c.overlaps == []
+
+
+def test_auto_failback_off_leaves_the_group_where_it_is():
+    c = cluster(auto_failback=AutoFailback.OFF)
+    c.advance(2.0)
+    c.nodes["alpha"].running_daemon = False
+    c.nodes["alpha"].running.clear()
+    c.advance(3.0)
+    c.restart("alpha", make_config_af("alpha", AutoFailback.OFF), generation=2)
+    c.advance(4.0)
+    assert c.holders("db") == {"bravo"}
+
+
+def test_standby_and_takeover():
+    c = cluster(auto_failback=AutoFailback.ON)
+    c.advance(2.0)
+    c.deliver(E.Admin("standby", "all"), "alpha")
+    c.advance(3.0)
+    assert c.holders("db") == {"bravo"}  # and it stays there despite auto_failback
+    assert c.status("alpha")["groups"]["db"]["standby"] is True
+    c.deliver(E.Admin("takeover", "all"), "alpha")
+    c.advance(3.0)
+    assert c.holders("db") == {"alpha"}
+    assert "alpha asked to take over group(s) db" in c.reasons("bravo")
+    assert c.overlaps == []
+
+
+def test_standby_is_refused_when_the_peer_is_dead():
+    c = cluster()
+    c.advance(2.0)
+    for link in LINKS:
+        c.cut_link(link)
+    c.advance(3.0)
+    d = c.deliver(E.Admin("standby", "all"), "alpha")
+    assert "the peer is not alive" in d.reason
+    assert "alpha" in c.holders("db")
+
+
+def make_config_af(node, af):
+    from dataclasses import replace
+    return replace(make_config(node, groups=(GROUP,)), auto_failback=af)
