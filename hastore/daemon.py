@@ -10,6 +10,7 @@ import asyncio
 import gc
 import signal
 import socket
+from pathlib import Path
 from dataclasses import replace
 
 from hastore.config import ConfigError, load
@@ -18,6 +19,7 @@ from hastore.core import actions as A
 from hastore.core import events as E
 from hastore.core.engine import Engine
 from hastore.io import log as hlog
+from hastore.io.agents import AgentRunner
 from hastore.io.control import ControlError, ControlServer
 from hastore.io.pinger import Pinger
 from hastore.io.state import StateError, StateStore
@@ -43,20 +45,6 @@ def _describe(a: A.Action) -> str:
     return "exit"
 
 
-class ClaimOnlyRunner:
-    """Runs no resource agents yet: a group's start and stop succeed at once, so the cluster's claims and
-    hand-offs can be exercised end to end. The resource-group issue replaces this with the agent runner."""
-
-    def __init__(self, done):
-        self.done = done
-
-    def start(self, group: str) -> None:
-        asyncio.get_running_loop().call_soon(self.done, E.GroupDone(group, "start", True, "claimed (no agents run yet)"))
-
-    def stop(self, group: str) -> None:
-        asyncio.get_running_loop().call_soon(self.done, E.GroupDone(group, "stop", True, "released"))
-
-
 class Daemon:
     def __init__(self, config: Config, allow_insecure_auth: bool = False):
         self.config = config
@@ -69,7 +57,7 @@ class Daemon:
         self.ping_targets: dict[str, str] = {}  # configured name or address -> address pinged
         self.ping_names: dict[str, list[str]] = {}  # address -> configured names
         self.control: ControlServer | None = None
-        self.runner = ClaimOnlyRunner(self.feed)
+        self.runner = AgentRunner(config.groups, _resource_d(config), self._agent_done)
         self.timer: asyncio.TimerHandle | None = None
         self.finished: asyncio.Future | None = None
         self.state = StateStore(config.state_dir)
@@ -128,6 +116,7 @@ class Daemon:
     def _close_io(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        self.runner.cancel_all()
         for t in self.transports.values():
             t.close()
         if self.pinger is not None:
@@ -176,10 +165,8 @@ class Daemon:
         elif isinstance(a, A.Ping):
             if self.pinger is not None and a.address in self.ping_targets:
                 self.pinger.ping(self.ping_targets[a.address])
-        elif isinstance(a, A.StartGroup):
-            self.runner.start(a.group)
-        elif isinstance(a, A.StopGroup):
-            self.runner.stop(a.group)
+        elif isinstance(a, A.RunAgent):
+            self.runner.run(a.group, a.index, a.op, a.timeout_s, a.op_id)
         elif isinstance(a, A.PersistGenerations):
             try:
                 self.state.save_floors(a.generations)
@@ -204,6 +191,9 @@ class Daemon:
         getattr(self.log, level)(a.kind, detail=a.detail, **{k: v for k, v in
                                                               (("peer", a.peer), ("link", a.link), ("group", a.group)) if v})
 
+    def _agent_done(self, group: str, index: int, op: str, op_id: int, rc: int, detail: str) -> None:
+        self.feed(E.AgentDone(group, index, op, op_id, rc, detail))
+
     def _on_packet(self, link: str, data: bytes) -> None:
         self.feed(E.PacketReceived(link, data))
 
@@ -220,10 +210,16 @@ class Daemon:
             return {"ok": True, "status": status}
         if cmd == "reload":
             return self.reload()
+        if cmd in ("standby", "takeover"):
+            scope = request.get("scope", "all")
+            if scope not in ("all", "local", "foreign", "failback"):
+                return {"ok": False, "error": f"unknown scope {scope!r}; use all, local, foreign or failback"}
+            loop.call_soon(self.feed, E.Admin(cmd, scope))
+            return {"ok": True, "detail": f"{cmd} {scope}: asked; `hastore status` shows the groups moving"}
         if cmd == "shutdown":
             loop.call_soon(self.feed, E.Shutdown())
             return {"ok": True, "detail": "shutting down: releasing groups, then telling the peer"}
-        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, reload, shutdown"}
+        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, reload, standby, takeover, shutdown"}
 
     def reload(self) -> dict:
         try:
@@ -245,6 +241,15 @@ class Daemon:
             self.log.warning("config", detail=w)
         self.feed(E.Reload(new))
         return {"ok": True, "detail": "configuration reloaded"}
+
+
+def _resource_d(config: Config) -> Path | None:
+    """Heartbeat scripts live in resource.d beside ha.cf."""
+    src = Path(config.source) if config.source else None
+    if src is None:
+        return None
+    base = src if src.is_dir() else src.parent
+    return base / "resource.d"
 
 
 def run(config: Config, allow_insecure_auth: bool = False) -> int:

@@ -36,6 +36,14 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_)
         c.add_argument("--socket", default=DEFAULT_SOCKET)
 
+    for name, scopes, help_ in (
+            ("standby", ("all", "local", "foreign", "failback"), "give groups to the peer (Heartbeat's hb_standby)"),
+            ("takeover", ("all", "local", "foreign"), "take groups from the peer (Heartbeat's hb_takeover)")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("scope", nargs="?", default="all", choices=scopes,
+                       help="local: groups whose preferred node is this one; foreign (failback): the others")
+        c.add_argument("--socket", default=DEFAULT_SOCKET)
+
     cfg = sub.add_parser("config", help="check or convert configuration")
     csub = cfg.add_subparsers(dest="config_command", required=True)
     check = csub.add_parser("check", help="validate a TOML file or a Heartbeat directory")
@@ -57,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(args)
     if args.command in ("stop", "reload"):
         return cmd_simple(args.socket, "shutdown" if args.command == "stop" else "reload")
+    if args.command in ("standby", "takeover"):
+        return cmd_simple(args.socket, args.command, scope=args.scope)
     if args.command == "config":
         return cmd_config(args)
     return 2
@@ -111,10 +121,10 @@ def cmd_run(args) -> int:
     return daemon.run(cfg, allow_insecure_auth=args.allow_insecure_auth)
 
 
-def _request(socket: str, cmd: str) -> dict | None:
+def _request(socket: str, cmd: str, **extra) -> dict | None:
     from hastore.io.control import ControlError, request
     try:
-        reply = request(socket, {"cmd": cmd})
+        reply = request(socket, {"cmd": cmd, **extra})
     except ControlError as e:
         print(f"hastore: {e}", file=sys.stderr)
         return None
@@ -124,8 +134,8 @@ def _request(socket: str, cmd: str) -> dict | None:
     return reply
 
 
-def cmd_simple(socket: str, cmd: str) -> int:
-    reply = _request(socket, cmd)
+def cmd_simple(socket: str, cmd: str, **extra) -> int:
+    reply = _request(socket, cmd, **extra)
     if reply is None:
         return 1
     print(reply.get("detail", "ok"))
@@ -157,9 +167,12 @@ def format_status(s: dict) -> str:
             rows.append((name if first else "", p["state"] if first else "", lid, l["state"], age))
             first = False
     lines += _table(rows)
-    rows = [("GROUP", "OWNER", "STATE", "PREFERRED", "WHY")]
+    rows = [("GROUP / RESOURCE", "OWNER", "STATE", "PREFERRED", "WHY")]
     for name, g in s["groups"].items():
-        rows.append((name, g["owner"] or "-", g["state"], g["preferred"], g["reason"]))
+        state = g["state"] + (" (standby)" if g.get("standby") else "")
+        rows.append((name, g["owner"] or "-", state, g["preferred"], g["reason"]))
+        for r in g.get("resources", []):
+            rows.append((f"  {r['name']}", "", r["state"], "", r["reason"]))
     if len(rows) > 1:
         lines.append("")
         lines += _table(rows)

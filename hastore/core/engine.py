@@ -278,6 +278,8 @@ class Engine:
             return  # adopt or clean up what already runs here before deciding anything
         if peer is not None and self.membership.state(peer) is Liveness.INIT:
             return  # initdead: wait to hear from the peer before deciding anything
+        if self.pings.configured and not self._pings_settled(now):
+            return  # our ping view is not known yet: neither take nor yield on it (two keepalives at start)
         alive = peer is not None and self.membership.alive(peer)
         info = self.peer_info[peer] if alive else PeerInfo()
         verdict = self.pings.judge(now, info.ping_count if alive else None)
@@ -299,9 +301,16 @@ class Engine:
                     continue  # the peer may take it; this node does not
                 self._maybe_take(g, peer, alive, info, verdict, out, why)
 
+    def _pings_settled(self, now: float) -> bool:
+        """Our ping count means something once a ping had time to go out and its reply to be collected."""
+        return now - self.membership.started >= 2 * self.config.timing.keepalive_ms / 1000
+
     def _peer_can(self, info: PeerInfo) -> bool:
-        """Whether the (alive) peer may hold groups by its ping view: it sees some, and not fewer than we do."""
-        return self.pings.configured == 0 or (info.ping_count or 0) >= max(1, self.pings.count(self.now))
+        """Whether the (alive) peer may hold groups by its ping view: it sees some, and not fewer than we do.
+        A peer that has not said yet (it just started) is given the benefit of the doubt."""
+        if self.pings.configured == 0 or info.ping_count is None:
+            return True
+        return info.ping_count >= max(1, self.pings.count(self.now))
 
     def _release_reason(self, g: GroupTrack, peer: str, info: PeerInfo, verdict) -> str:
         name = g.spec.name
@@ -456,8 +465,8 @@ class Engine:
                 body["f"] = failed
             if self.standby:
                 body["sb"] = sorted(self.standby)
-            if self.pings.configured:
-                body["p"] = self.pings.count(now)
+            if self.pings.configured and self._pings_settled(now):
+                body["p"] = self.pings.count(now)  # before the first replies had time to come, say nothing
             self._broadcast(MsgType.BEAT, "", body, out)
             out.extend(A.Ping(a) for a in self.pings.addresses())
             self.next_beat = now + keepalive

@@ -34,7 +34,22 @@ def hastore_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "hastore"]
 
 
-def write_legacy_config(lab: Lab, node: Node, timing: PairTiming, ping: bool | str = True) -> Path:
+# A Heartbeat v1 resource script (resource.d/NAME ARG start|stop|status) whose "service" is a flag file in the
+# node's private /run: what hastore runs for a haresources entry `labflag::web`.
+LABFLAG = """#!/bin/sh
+flag="/run/labflag-$1"
+case "$2" in
+  start) touch "$flag" ;;
+  stop) rm -f "$flag" ;;
+  status) if [ -e "$flag" ]; then echo running; else echo stopped; fi ;;
+  *) echo "usage: $0 NAME start|stop|status" >&2; exit 1 ;;
+esac
+"""
+DEFAULT_RESOURCES = "labflag::web"
+
+
+def write_legacy_config(lab: Lab, node: Node, timing: PairTiming, ping: bool | str = True,
+                        resources: str = DEFAULT_RESOURCES) -> Path:
     """ping: True pings the LAN gateway by address, a string names the ping node as written, False none."""
     peer = lab.peer(node)
     d = lab.workdir / node.name / "ha.d"
@@ -50,7 +65,12 @@ def write_legacy_config(lab: Lab, node: Node, timing: PairTiming, ping: bool | s
         + "auto_failback off\n"
         f"node {lab.nodes[sorted(lab.nodes)[0]].name}\nnode {lab.nodes[sorted(lab.nodes)[1]].name}\n")
     first = lab.nodes[sorted(lab.nodes)[0]].name
-    (d / "haresources").write_text(f"{first} IPaddr::{VIP}/24\n")
+    (d / "haresources").write_text(f"{first} {resources}\n")
+    rd = d / "resource.d"
+    rd.mkdir(exist_ok=True)
+    script = rd / "labflag"
+    script.write_text(LABFLAG)
+    script.chmod(0o755)
     keys = d / "authkeys"
     keys.write_text("auth 1\n1 sha1 lab-secret-not-for-production\n")
     keys.chmod(0o600)
@@ -60,8 +80,10 @@ def write_legacy_config(lab: Lab, node: Node, timing: PairTiming, ping: bool | s
 class Pair:
     """Starts and stops the two daemons; `status(node)` asks a node with `hastore status --json`."""
 
-    def __init__(self, lab: Lab, timing: PairTiming = PairTiming(), ping: bool | str = True):
+    def __init__(self, lab: Lab, timing: PairTiming = PairTiming(), ping: bool | str = True,
+                 resources: str = DEFAULT_RESOURCES):
         self.lab = lab
+        self.resources = resources
         self.timing = timing
         self.ping = ping
         self.procs: dict[str, subprocess.Popen] = {}
@@ -69,7 +91,7 @@ class Pair:
 
     def start(self, name: str) -> subprocess.Popen:
         node = self.lab.nodes[name]
-        confdir = write_legacy_config(self.lab, node, self.timing, self.ping)
+        confdir = write_legacy_config(self.lab, node, self.timing, self.ping, self.resources)
         state = self.lab.workdir / name / "state"
         state.mkdir(parents=True, exist_ok=True)
         self.logs[name] = log = self.lab.workdir / name / "hastore.log"

@@ -162,3 +162,19 @@ def test_standby_is_refused_when_the_peer_is_dead():
 def make_config_af(node, af):
     from dataclasses import replace
     return replace(make_config(node, groups=(GROUP,)), auto_failback=af)
+
+
+def test_a_restarted_daemon_adopts_its_running_group_even_before_its_pings_settle():
+    c = cluster(ping=("10.0.0.254",))
+    for n in ("alpha", "bravo"):
+        c.nodes[n].sees_pings = {"10.0.0.254"}
+    c.advance(3.0)
+    assert c.holders("db") == {"alpha"}
+    c.nodes["alpha"].running_daemon = False  # the daemon restarts; its resources keep running
+    c.advance(0.3)
+    from dataclasses import replace
+    c.restart("alpha", replace(make_config("alpha", groups=(GROUP,), ping=("10.0.0.254",))), generation=2)
+    c.advance(3.0)
+    assert c.holders("db") == {"alpha"}
+    assert [x for x in ops(c, "alpha") if x[1] in ("start", "stop")] == []  # the new daemon only probed
+    assert "adopting it" in c.reasons("alpha")

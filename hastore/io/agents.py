@@ -1,0 +1,168 @@
+"""The agent runner: runs one resource operation as a child process, with a timeout, and reports its exit code.
+
+Where a haresources name leads (Heartbeat's search order, with hastore's own agents first):
+  1. `ocf:PROVIDER:TYPE`               -> /usr/lib/ocf/resource.d/PROVIDER/TYPE (OCF, parameters only)
+  2. one of hastore's agents (agents/)  -> OCF; haresources arguments become parameters by position
+  3. resource.d/NAME beside ha.cf       -> Heartbeat script: `NAME arg1 arg2 start|stop|status`
+  4. /usr/lib/ocf/resource.d/heartbeat/NAME -> OCF (parameters only)
+  5. /etc/init.d/NAME                   -> LSB init script: start | stop | status (0 running, 3 stopped)
+  6. a systemd unit NAME                -> systemctl start | stop | is-active
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from hastore.config.model import Resource
+from hastore.core.resources import TIMEOUT_RC
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+AGENTS_DIR = REPO_ROOT / "agents"
+OCF_ROOT = Path("/usr/lib/ocf")
+
+# haresources positional arguments of hastore's own agents, by position
+POSITIONAL = {
+    "IPaddr": ("ip",),
+    "Filesystem": ("device", "directory", "fstype", "options"),
+    "drbd": ("resource",),
+    "disklock": ("device",),
+    "mysql": ("datadir",),
+    "nfsserver": ("exports", "shared_dir"),
+}
+ALIASES = {"drbddisk": "drbd", "IPaddr2": "IPaddr"}  # Heartbeat names that mean one of our agents
+OCF_NOT_RUNNING, OCF_GENERIC, OCF_NOT_INSTALLED = 7, 1, 5
+
+
+@dataclass(frozen=True)
+class Invocation:
+    kind: str  # ocf | heartbeat | lsb | systemd | missing
+    path: str
+    args: tuple[str, ...] = ()
+    params: tuple[tuple[str, str], ...] = ()
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.path}"
+
+
+def resolve(r: Resource, resource_d: Path | None, agents_dir: Path = AGENTS_DIR, ocf_root: Path = OCF_ROOT,
+            init_d: Path = Path("/etc/init.d")) -> Invocation:
+    name = r.agent
+    params = tuple(r.params)
+    if name.startswith("ocf:"):
+        parts = name.split(":")
+        if len(parts) == 3:
+            return Invocation("ocf", str(ocf_root / "resource.d" / parts[1] / parts[2]), params=params)
+    ours = ALIASES.get(name, name)
+    if (agents_dir / ours).is_file():
+        names = POSITIONAL.get(ours, ())
+        positional = tuple(zip(names, r.args))
+        return Invocation("ocf", str(agents_dir / ours), params=positional + params)
+    if resource_d is not None and (resource_d / name).is_file():
+        return Invocation("heartbeat", str(resource_d / name), args=r.args)
+    if (ocf_root / "resource.d" / "heartbeat" / name).is_file():
+        return Invocation("ocf", str(ocf_root / "resource.d" / "heartbeat" / name), params=params)
+    if (init_d / name).is_file():
+        return Invocation("lsb", str(init_d / name))
+    if Path("/run/systemd/system").is_dir():
+        return Invocation("systemd", name if "." in name else f"{name}.service")
+    return Invocation("missing", name)
+
+
+def argv_for(inv: Invocation, op: str) -> list[str]:
+    if inv.kind == "ocf":
+        return [inv.path, op]
+    if inv.kind == "heartbeat":
+        return [inv.path, *inv.args, "status" if op == "monitor" else op]
+    if inv.kind == "lsb":
+        return [inv.path, "status" if op == "monitor" else op]
+    return ["systemctl", {"monitor": "is-active", "start": "start", "stop": "stop"}[op], inv.path]
+
+
+def normalise(inv: Invocation, op: str, rc: int, output: str) -> int:
+    """Map every kind's answer onto OCF exit codes."""
+    if inv.kind == "heartbeat" and op == "monitor":
+        # Heartbeat v1 scripts print "running" or "stopped" for status
+        text = output.lower()
+        if "stopped" in text or "not running" in text or rc == 3:
+            return OCF_NOT_RUNNING
+        return 0 if rc == 0 else OCF_GENERIC
+    if inv.kind == "lsb" and op == "monitor":
+        return 0 if rc == 0 else OCF_NOT_RUNNING if rc in (1, 2, 3) else OCF_GENERIC
+    if inv.kind == "systemd" and op == "monitor":
+        return 0 if rc == 0 else OCF_NOT_RUNNING
+    return rc
+
+
+class AgentRunner:
+    """Runs agents for the daemon; `done(group, index, op, op_id, rc, detail)` receives each result."""
+
+    def __init__(self, groups, resource_d: Path | None, done, log=None):
+        self.done = done
+        self.log = log
+        self.invocations = {(g.name, i): resolve(r, resource_d) for g in groups for i, r in enumerate(g.resources)}
+        self.names = {(g.name, i): (r.raw or "::".join((r.agent, *r.args))) for g in groups
+                      for i, r in enumerate(g.resources)}
+        self.tasks: set[asyncio.Task] = set()
+
+    def run(self, group: str, index: int, op: str, timeout_s: float, op_id: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(group, index, op, timeout_s, op_id))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, group: str, index: int, op: str, timeout_s: float, op_id: int) -> None:
+        inv = self.invocations[(group, index)]
+        if inv.kind == "missing":
+            detail = f"no agent, resource.d script, init script or unit named {inv.path!r}"
+            rc = 0 if op == "stop" else OCF_NOT_RUNNING if op == "monitor" else OCF_NOT_INSTALLED
+            self.done(group, index, op, op_id, rc, detail)
+            return
+        env = self._env(inv, group, index, timeout_s)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv_for(inv, op), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+        except OSError as e:
+            self.done(group, index, op, op_id, OCF_NOT_INSTALLED, f"cannot run {inv.path}: {e.strerror}")
+            return
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+            rc = proc.returncode
+        except asyncio.TimeoutError:
+            _kill_group(proc.pid)
+            out = b""
+            await proc.wait()
+            rc = TIMEOUT_RC
+        except asyncio.CancelledError:
+            _kill_group(proc.pid)  # the daemon is exiting: leave no agent behind
+            raise
+        text = out.decode(errors="replace").strip()
+        rc = normalise(inv, op, rc, text) if rc != TIMEOUT_RC else rc
+        detail = text.splitlines()[-1][:300] if text else ""
+        if rc == TIMEOUT_RC:
+            detail = f"killed after {timeout_s:g} s"
+        self.done(group, index, op, op_id, rc, detail)
+
+    def _env(self, inv: Invocation, group: str, index: int, timeout_s: float) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OCF_")}
+        env.update({"OCF_ROOT": str(OCF_ROOT), "OCF_RA_VERSION_MAJOR": "1", "OCF_RA_VERSION_MINOR": "1",
+                    "OCF_RESOURCE_INSTANCE": f"{group}:{self.names[(group, index)]}",
+                    "OCF_RESKEY_CRM_meta_timeout": str(int(timeout_s * 1000)), "HA_RSCTMP": "/run/resource-agents"})
+        env.update({f"OCF_RESKEY_{k}": v for k, v in inv.params})
+        if inv.path.startswith(str(AGENTS_DIR)):
+            env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return env
+
+    def cancel_all(self) -> None:
+        for t in list(self.tasks):
+            t.cancel()
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
