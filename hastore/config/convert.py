@@ -79,7 +79,10 @@ def to_toml(cfg: Config) -> str:
             out += _section("[[auth.keys]]", _key_pairs(key))
     out += _ping(cfg)
     for group in cfg.groups:
-        out += _section("[[groups]]", [("name", group.name), ("preferred_node", group.preferred_node)])
+        out += _section("[[groups]]", [("name", group.name), ("preferred_node", group.preferred_node),
+                                       ("max_restarts", group.max_restarts),
+                                       ("restart_window", None if group.restart_window_ms is None
+                                        else format_duration(group.restart_window_ms))])
         for res in group.resources:
             out += _section("[[groups.resources]]", _resource_pairs(res))
     for r in cfg.respawn:
@@ -119,6 +122,10 @@ def _resource_pairs(res: Resource) -> list[tuple[str, object]]:
         pairs.append(("params", dict(res.params)))
     if res.raw != "::".join((res.agent,) + res.args):
         pairs.append(("raw", res.raw))
+    for op in ("start_timeout", "stop_timeout", "monitor_timeout", "monitor_interval"):
+        value = getattr(res, f"{op}_ms")
+        if value is not None:
+            pairs.append((op, format_duration(value)))
     return pairs
 
 

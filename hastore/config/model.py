@@ -111,6 +111,11 @@ class Resource:
     args: tuple[str, ...] = ()
     params: tuple[tuple[str, str], ...] = ()
     raw: str = ""
+    # operation timeouts and the monitor interval (0 = not monitored); None = the daemon's defaults
+    start_timeout_ms: int | None = None
+    stop_timeout_ms: int | None = None
+    monitor_timeout_ms: int | None = None
+    monitor_interval_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,8 @@ class Group:
     preferred_node: str
     resources: tuple[Resource, ...]
     source: str = ""  # "haresources:3" or "groups.web"
+    max_restarts: int | None = None  # restarts in place within restart_window before failing over
+    restart_window_ms: int | None = None
 
 
 @dataclass(frozen=True)

@@ -276,9 +276,13 @@ def _ping_group(table: Table) -> PingGroup:
 
 def _group(table: Table) -> Group:
     resources = tuple(filter(None, (_resource(t) for t in table.tables("resources", required=True))))
+    max_restarts = table.get("max_restarts", int)
+    if max_restarts is not None and max_restarts < 0:
+        table.error("max_restarts", "must be 0 or more")
     group = Group(name=table.get("name", str, "", required=True),
                   preferred_node=table.get("preferred_node", str, "", required=True).lower(),
-                  resources=resources, source=f"{table.file}: {table.path}")
+                  resources=resources, source=f"{table.file}: {table.path}",
+                  max_restarts=max_restarts, restart_window_ms=_duration(table, "restart_window"))
     table.finish()
     return group
 
@@ -293,8 +297,26 @@ def _resource(table: Table) -> Resource | None:
         else:
             table.error("params", f"{name}: must be a string, not {_describe(value)}")
     raw = table.get("raw", str, "::".join((agent or "",) + args))
+    ops = {name: _duration(table, name) for name in RESOURCE_OPS}
     table.finish()
-    return Resource(agent=agent, args=args, params=tuple(params), raw=raw) if agent else None
+    if not agent:
+        return None
+    return Resource(agent=agent, args=args, params=tuple(params), raw=raw,
+                    **{f"{name}_ms": value for name, value in ops.items()})
+
+
+RESOURCE_OPS = ("start_timeout", "stop_timeout", "monitor_timeout", "monitor_interval")
+
+
+def _duration(table: Table, name: str) -> int | None:
+    raw = table.get(name, str)
+    if raw is None:
+        return None
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        table.error(name, str(exc))
+        return None
 
 
 def _respawn(table: Table) -> Respawn:

@@ -8,7 +8,7 @@ group, each with its timeout) and, when a whole operation ends, an Outcome the e
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hastore.config.model import Group, Resource
 from hastore.core.actions import RunAgent
@@ -72,6 +72,10 @@ class _Op:
 class GroupOps:
     def __init__(self, group: Group, policy: Policy = Policy()):
         self.group = group
+        if group.max_restarts is not None:
+            policy = replace(policy, max_restarts=group.max_restarts)
+        if group.restart_window_ms is not None:
+            policy = replace(policy, restart_window_s=group.restart_window_ms / 1000)
         self.policy = policy
         self.res = [RTrack(r) for r in group.resources]
         self.op: _Op | None = None
@@ -115,11 +119,12 @@ class GroupOps:
         if op == "monitor":
             r.state = RState.STARTED if rc == OCF_SUCCESS else RState.STOPPED if rc == OCF_NOT_RUNNING else RState.FAILED
             r.reason = said
+            r.next_monitor = self._monitor_due(r, now) if rc == OCF_SUCCESS else None  # adopted: watched too
         elif rc == OCF_SUCCESS:
             r.state = RState.STARTED if op == "start" else RState.STOPPED
             r.reason = said
             if op == "start":
-                r.next_monitor = now + self.policy.monitor_interval_s
+                r.next_monitor = self._monitor_due(r, now)
         else:
             return self._on_failure(r, op, index, said, now)
         return self._next(now)
@@ -145,7 +150,7 @@ class GroupOps:
 
     def _on_monitor(self, r: RTrack, rc: int, said: str, now: float):
         if rc == OCF_SUCCESS:
-            r.next_monitor = now + self.policy.monitor_interval_s
+            r.next_monitor = self._monitor_due(r, now)
             return self._next(now)
         r.state, r.reason, r.next_monitor = RState.FAILED, said, None
         self.restarts = [t for t in self.restarts if now - t < self.policy.restart_window_s]
@@ -194,10 +199,19 @@ class GroupOps:
         return Outcome("started" if op.kind == "start" else "stopped",
                        f"group {g} {'started' if op.kind == 'start' else 'stopped'}")
 
+    def _monitor_due(self, r: RTrack, now: float) -> float | None:
+        interval = r.spec.monitor_interval_ms
+        if interval == 0:
+            return None  # this resource is not monitored
+        return now + (interval / 1000 if interval is not None else self.policy.monitor_interval_s)
+
     def _run(self, op: str, index: int) -> RunAgent:
         self.op_id += 1
-        timeout = {"start": self.policy.start_timeout_s, "stop": self.policy.stop_timeout_s}.get(
+        spec = self.res[index].spec
+        own = {"start": spec.start_timeout_ms, "stop": spec.stop_timeout_ms}.get(op, spec.monitor_timeout_ms)
+        default = {"start": self.policy.start_timeout_s, "stop": self.policy.stop_timeout_s}.get(
             op, self.policy.monitor_timeout_s)
+        timeout = own / 1000 if own is not None else default
         self.inflight = (op, index, self.op_id)
         return RunAgent(self.group.name, index, op, timeout, self.op_id)
 

@@ -59,7 +59,11 @@ def test_full_example_loads(tmp_path):
     assert cfg.ping_groups == (PingGroup("routers", ("10.0.0.1", "10.0.0.2")),)
     (group,) = cfg.groups
     assert (group.name, group.preferred_node) == ("db", "alpha")
-    assert group.resources[0] == Resource("drbd", (), (("resource", "r0"),), raw="drbd")
+    assert group.resources[0] == Resource("drbd", (), (("resource", "r0"),), raw="drbd", start_timeout_ms=30000)
+    assert (group.max_restarts, group.restart_window_ms) == (2, 600000)
+    mysql = group.resources[3]
+    assert (mysql.start_timeout_ms, mysql.stop_timeout_ms, mysql.monitor_timeout_ms, mysql.monitor_interval_ms) == (
+        120000, 90000, 5000, 10000)
     assert group.resources[2].params == (("ip", "10.0.0.100"), ("cidr_netmask", "24"), ("nic", "eth0"))
     assert group.resources[1].raw == "Filesystem::/dev/drbd0::/var/lib/mysql::ext4"
     assert cfg.respawn == (Respawn("root", "/usr/local/bin/watcher --quiet"),)

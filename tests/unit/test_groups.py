@@ -178,3 +178,21 @@ def test_a_restarted_daemon_adopts_its_running_group_even_before_its_pings_settl
     assert c.holders("db") == {"alpha"}
     assert [x for x in ops(c, "alpha") if x[1] in ("start", "stop")] == []  # the new daemon only probed
     assert "adopting it" in c.reasons("alpha")
+
+
+def test_per_resource_timeouts_intervals_and_group_restart_limit_from_the_model():
+    from dataclasses import replace
+    res = (Resource("disklock", ("/dev/sdb1",), start_timeout_ms=5000, monitor_interval_ms=0),
+           Resource("mysql", start_timeout_ms=120000, monitor_interval_ms=500, monitor_timeout_ms=3000))
+    group = Group("db", "alpha", res, max_restarts=0)
+    c = FakeCluster({n: make_config(n, groups=(group,)) for n in ("alpha", "bravo")}, policy=POLICY)
+    c.advance(3.0)
+    runs = [a for _, d in c.nodes["alpha"].log for a in d.actions if type(a).__name__ == "RunAgent"]
+    starts = {a.index: a.timeout_s for a in runs if a.op == "start"}
+    assert starts == {0: 5.0, 1: 120.0}
+    monitors = [a for a in runs if a.op == "monitor" and a.op_id > 2]  # after the probes
+    assert monitors and {a.index for a in monitors} == {1} and all(a.timeout_s == 3.0 for a in monitors)
+    c.nodes["alpha"].faults[("db", 1, "monitor")] = 7
+    c.advance(2.0)
+    assert c.holders("db") == {"bravo"}  # max_restarts 0: the first failure fails the group over
+    assert "0 restarts within 60 s already" in c.reasons("alpha")
