@@ -213,6 +213,9 @@ def _check_ping(cfg: Config, err) -> None:
                 err(key, f"ping group {group.name!r}: {addr!r} is neither an IP address nor a host name")
 
 
+OCF_NAME = re.compile(r"ocf:[A-Za-z0-9_.+-]+:[A-Za-z0-9_.+-]+")
+
+
 def _check_groups(cfg: Config, where: Locator, err, nodes_broken: bool) -> None:
     names: set[str] = set()
     for i, group in enumerate(cfg.groups):
@@ -230,8 +233,9 @@ def _check_groups(cfg: Config, where: Locator, err, nodes_broken: bool) -> None:
             err(key, f"group {group.name!r} has no resources")
         for j, res in enumerate(group.resources):
             rkey = f"{key}.resources[{j}]"
-            if not NAME.fullmatch(res.agent):
-                err(rkey, f"resource agent name {res.agent!r} must be letters, digits, '_', '.', '-', '+'")
+            if not (NAME.fullmatch(res.agent) or OCF_NAME.fullmatch(res.agent)):
+                err(rkey, f"resource agent name {res.agent!r} must be letters, digits, '_', '.', '-', '+', "
+                          f"or ocf:PROVIDER:TYPE")
             if res.agent in IP_AGENTS and res.args and not is_ip(res.args[0].split("/")[0]):
                 err(rkey, f"{res.agent} address {res.args[0]!r} does not start with an IP address")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,10 @@ class AgentRunner:
             return
         env = self._env(inv, group, index, timeout_s)
         try:
+            os.makedirs(env["HA_RSCTMP"], exist_ok=True)  # resource-agents keep their state files there
+        except OSError:
+            pass
+        try:
             proc = await asyncio.create_subprocess_exec(
                 *argv_for(inv, op), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
@@ -149,7 +154,7 @@ class AgentRunner:
     def _env(self, inv: Invocation, group: str, index: int, timeout_s: float) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OCF_")}
         env.update({"OCF_ROOT": str(OCF_ROOT), "OCF_RA_VERSION_MAJOR": "1", "OCF_RA_VERSION_MINOR": "1",
-                    "OCF_RESOURCE_INSTANCE": f"{group}:{self.names[(group, index)]}",
+                    "OCF_RESOURCE_INSTANCE": _instance(group, self.names[(group, index)]),
                     "OCF_RESKEY_CRM_meta_timeout": str(int(timeout_s * 1000)), "HA_RSCTMP": "/run/resource-agents"})
         env.update({f"OCF_RESKEY_{k}": v for k, v in inv.params})
         if inv.path.startswith(str(AGENTS_DIR)):
@@ -159,6 +164,11 @@ class AgentRunner:
     def cancel_all(self) -> None:
         for t in list(self.tasks):
             t.cancel()
+
+
+def _instance(group: str, name: str) -> str:
+    """A resource instance name agents can use in file names (Dummy keeps its state file by it)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{group}-{name}").strip("_")[:100]
 
 
 def _kill_group(pid: int) -> None:

@@ -77,13 +77,34 @@ def write_legacy_config(lab: Lab, node: Node, timing: PairTiming, ping: bool | s
     return d
 
 
+def write_toml_config(lab: Lab, node: Node, timing: PairTiming, groups_toml: str) -> Path:
+    """The same cluster as write_legacy_config, in hastore's native TOML, with the given [[groups]] text."""
+    peer = lab.peer(node)
+    d = lab.workdir / node.name
+    d.mkdir(parents=True, exist_ok=True)
+    names = sorted(lab.nodes)
+    path = d / "hastore.toml"
+    path.write_text(
+        f'[cluster]\nnodes = ["{names[0]}", "{names[1]}"]\nauto_failback = "off"\n\n'
+        f'[timing]\nkeepalive = "{timing.keepalive}"\nwarntime = "{timing.warntime}"\n'
+        f'deadtime = "{timing.deadtime}"\ninitdead = "{timing.initdead}"\n\n'
+        f'[[links]]\nkind = "ucast"\ninterface = "{node.hb_if}"\naddress = "{peer.hb_addr}"\n\n'
+        f'[[links]]\nkind = "serial"\ndevice = "{node.serial}"\nbaud = 115200\n\n'
+        f'[auth]\n[[auth.keys]]\nid = 1\nalgorithm = "sha256"\nsecret = "lab-secret-not-for-production"\n\n'
+        f'[ping]\nnodes = ["{lab.gateway}"]\n\n' + groups_toml)
+    path.chmod(0o600)
+    return path
+
+
 class Pair:
     """Starts and stops the two daemons; `status(node)` asks a node with `hastore status --json`."""
 
     def __init__(self, lab: Lab, timing: PairTiming = PairTiming(), ping: bool | str = True,
-                 resources: str = DEFAULT_RESOURCES):
+                 resources: str = DEFAULT_RESOURCES, groups_toml: str | None = None):
+        """With groups_toml the nodes get a native TOML file (with those groups) instead of /etc/ha.d files."""
         self.lab = lab
         self.resources = resources
+        self.groups_toml = groups_toml
         self.timing = timing
         self.ping = ping
         self.procs: dict[str, subprocess.Popen] = {}
@@ -91,7 +112,10 @@ class Pair:
 
     def start(self, name: str) -> subprocess.Popen:
         node = self.lab.nodes[name]
-        confdir = write_legacy_config(self.lab, node, self.timing, self.ping, self.resources)
+        if self.groups_toml is not None:
+            confdir = write_toml_config(self.lab, node, self.timing, self.groups_toml)
+        else:
+            confdir = write_legacy_config(self.lab, node, self.timing, self.ping, self.resources)
         state = self.lab.workdir / name / "state"
         state.mkdir(parents=True, exist_ok=True)
         self.logs[name] = log = self.lab.workdir / name / "hastore.log"
