@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import select
 import shlex
 import shutil
 import signal
@@ -24,8 +25,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from hastore.agentlib.ocf import (ERR_CONFIGURED, ERR_GENERIC, ERR_INSTALLED, NOT_RUNNING, SUCCESS, AgentError,
-                                  log)
+from hastore.agentlib.ocf import ERR_CONFIGURED, ERR_GENERIC, ERR_INSTALLED, NOT_RUNNING, SUCCESS, AgentError, log
 
 RUN_DIR = "/run/hastore/mysql"
 SERVER_NAMES = ("mariadbd", "mysqld")
@@ -34,6 +34,7 @@ INSTALL_DB_NAMES = ("mariadb-install-db", "mysql_install_db")
 SEARCH_PATH = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin") + ":/usr/sbin:/usr/local/sbin:/sbin"
 DEFAULT_TIMEOUT = {"start": 120.0, "stop": 120.0, "monitor": 30.0}
 INITIALIZE = ("auto", "yes", "no")
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the NUL
 IGNORED_IN_EMPTY = {"lost+found"}  # what a fresh ext4 root holds; a datadir holding only this counts as empty
 
 
@@ -101,9 +102,9 @@ def settings(p: dict[str, str]) -> Settings:
     for key, path in (("socket", sock), ("pid", pid), ("config", p.get("config", ""))):
         if path and not os.path.isabs(path):
             problems.append(f"{key} {path!r} is not an absolute path")
+    if len(os.fsencode(sock)) > SUN_PATH_MAX:
+        problems.append(f"socket {sock!r} is longer than the {SUN_PATH_MAX} bytes a Unix socket path may have")
     config = p.get("config", "")
-    if config and not os.path.isfile(config):
-        problems.append(f"config {config!r} is not a file")
     port = p.get("port", "3306")
     if not port.isdigit() or not 0 < int(port) < 65536:
         problems.append(f"port {port!r} is not a TCP port number")
@@ -136,10 +137,16 @@ def settings(p: dict[str, str]) -> Settings:
                                         f"(install mariadb-server and mariadb-client)")
     return Settings(
         datadir=os.path.normpath(datadir), binary=binary, client=client, user=user, socket=sock, pid=pid,
-        cnf=(pid[:-4] if pid.endswith(".pid") else pid) + ".cnf", port=int(port), bind_address=bind,
+        cnf=pid.removesuffix(".pid") + ".cnf", port=int(port), bind_address=bind,
         config=config, extra=extra, test_query=p["test_query"], test_user=p.get("test_user", "root"),
         test_passwd=p.get("test_passwd", ""), initialize=initialize,
         error_log=os.path.join(os.path.normpath(datadir), f"{socket.gethostname()}.err"))
+
+
+def check_files(s: Settings) -> None:
+    """What start needs beyond settings (monitor and stop do without: the shared disk may be gone already)."""
+    if s.config and not os.path.isfile(s.config):
+        raise AgentError(ERR_CONFIGURED, f"config {s.config!r} is not a file")
 
 
 def render_cnf(s: Settings) -> str:
@@ -197,7 +204,7 @@ def query(s: Settings, timeout: float) -> tuple[bool, str]:
     argv = [s.client, "--no-defaults", f"--socket={s.socket}", f"--user={s.test_user}", "--batch",
             "--skip-column-names", f"--connect-timeout={max(1, int(timeout))}", "-e", s.test_query]
     try:
-        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, env=env)
+        r = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return False, f"the test query did not answer within {timeout:g} s"
     text = (r.stderr or r.stdout).strip().splitlines()
@@ -244,7 +251,8 @@ def datadir_state(s: Settings) -> str:
                                      f"refusing to initialise over it or to start a server on it")
 
 
-def initialise(s: Settings, deadline: float) -> None:
+def may_initialise(s: Settings) -> str:
+    """The install tool to initialise this empty datadir with, or raise why the agent must not."""
     if s.initialize == "no":
         raise AgentError(ERR_CONFIGURED, f"datadir {s.datadir} is empty and initialize=no")
     if s.initialize == "auto" and os.stat(s.datadir).st_dev == os.stat("/").st_dev:
@@ -255,23 +263,30 @@ def initialise(s: Settings, deadline: float) -> None:
     if not tool:
         raise AgentError(ERR_INSTALLED, f"datadir {s.datadir} is empty and neither "
                                         f"{' nor '.join(INSTALL_DB_NAMES)} is installed to initialise it")
+    return tool
+
+
+def initialise(s: Settings, tool: str, deadline: float) -> None:
     ent = pwd.getpwnam(s.user)
     os.chown(s.datadir, ent.pw_uid, ent.pw_gid)
     log(f"initialising the empty datadir {s.datadir} with {os.path.basename(tool)}")
     argv = [tool, f"--defaults-file={s.cnf}", f"--user={s.user}", "--auth-root-authentication-method=socket",
             "--skip-test-db"]
     try:
-        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd="/",
+        r = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd="/",
                            timeout=max(1.0, deadline - time.monotonic()))
-        ok, said = r.returncode == 0, (r.stderr or r.stdout).strip().splitlines()[-3:]
+        ok, said = r.returncode == 0, f"exit {r.returncode}"
     except subprocess.TimeoutExpired:
-        ok, said = False, ["timed out"]
+        ok, said = False, "timed out"
     if not ok or not os.path.isdir(os.path.join(s.datadir, "mysql")):
-        said.append(_log_tail(s, 2))  # the bootstrap server writes to log-error, which goes with the cleanup
+        said += f": {_log_tail(s, 2)}"  # the bootstrap server writes to log-error, which goes with the cleanup
         for entry in set(os.listdir(s.datadir)) - IGNORED_IN_EMPTY:  # it was empty: leave it empty for a retry
             path = os.path.join(s.datadir, entry)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
-        raise AgentError(ERR_GENERIC, f"initialising {s.datadir} failed: {' | '.join(said)}")
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        raise AgentError(ERR_GENERIC, f"initialising {s.datadir} failed ({said}); it is empty again")
 
 
 # --- actions -----------------------------------------------------------------------------------------------------
@@ -314,11 +329,12 @@ def start(s: Settings, timeout: float) -> int:
         _wait_ready(s, deadline)
         log(f"already running on {s.datadir}")
         return SUCCESS
-    state = datadir_state(s)
+    check_files(s)
+    tool = may_initialise(s) if datadir_state(s) == "empty" else None
     clean_stale(s)
     write_cnf(s)
-    if state == "empty":
-        initialise(s, deadline)
+    if tool:
+        initialise(s, tool, deadline)
     ent = pwd.getpwnam(s.user)
     fd = os.open(s.error_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     os.fchown(fd, ent.pw_uid, ent.pw_gid)
@@ -342,33 +358,38 @@ def monitor(s: Settings, timeout: float) -> int:
     raise AgentError(ERR_GENERIC, f"the server (pid {pid}) runs but the test query failed: {said}")
 
 
-def _wait_gone(pid: int, until: float) -> bool:
-    while alive(pid):
-        if time.monotonic() >= until:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+def _exited(pidfd: int, until: float) -> bool:
+    """Wait until the process behind pidfd has exited (a pidfd turns readable then) or `until` passes."""
+    return bool(select.select([pidfd], [], [], max(0.0, until - time.monotonic()))[0])
 
 
 def stop(s: Settings, timeout: float) -> int:
-    """TERM (a clean InnoDB shutdown) for most of the timeout, then KILL; done once the process is gone."""
+    """TERM (a clean InnoDB shutdown) for most of the timeout, then KILL; done once the process is gone.
+
+    Signals go through a pidfd taken before the final is-it-ours check, so a pid reused meanwhile is never hit.
+    """
     now = time.monotonic()
     pid = find_server(s)
+    pidfd = None
     if pid is not None:
-        _signal(pid, signal.SIGTERM)
-        if not _wait_gone(pid, now + timeout * 0.75):
-            log(f"the server (pid {pid}) ignored TERM for {timeout * 0.75:.0f} s; sending KILL")
-            _signal(pid, signal.SIGKILL)
-            if not _wait_gone(pid, now + timeout * 0.95):
-                raise AgentError(ERR_GENERIC, f"the server (pid {pid}) survived KILL")
-        log(f"stopped the server (pid {pid}) on {s.datadir}")
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            pidfd = None
+    if pidfd is not None:
+        try:
+            if is_ours(pid, s):
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                if not _exited(pidfd, now + timeout * 0.75):
+                    log(f"the server (pid {pid}) ignored TERM for {timeout * 0.75:.0f} s; sending KILL")
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    if not _exited(pidfd, now + timeout * 0.95):
+                        raise AgentError(ERR_GENERIC, f"the server (pid {pid}) survived KILL")
+                log(f"stopped the server (pid {pid}) on {s.datadir}")
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
     clean_stale(s)
     _remove(s.cnf)
     return SUCCESS
