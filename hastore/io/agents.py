@@ -34,6 +34,10 @@ POSITIONAL = {
     "mysql": ("datadir",),
     "nfsserver": ("exports", "shared_dir"),
 }
+# what each of our agents cannot run without: a haresources word that leaves one of these unset is not meant for
+# our agent (a bare `mysql` in haresources is the init script, as it was with Heartbeat)
+REQUIRED = {"IPaddr": ("ip",), "Filesystem": ("device", "directory"), "drbd": ("resource",),
+            "disklock": ("device",), "mysql": ("datadir",), "nfsserver": ("exports", "shared_dir")}
 ALIASES = {"drbddisk": "drbd", "IPaddr2": "IPaddr"}  # Heartbeat names that mean one of our agents
 OCF_NOT_RUNNING, OCF_GENERIC, OCF_NOT_INSTALLED = 7, 1, 5
 
@@ -61,7 +65,9 @@ def resolve(r: Resource, resource_d: Path | None, agents_dir: Path = AGENTS_DIR,
     if (agents_dir / ours).is_file():
         names = POSITIONAL.get(ours, ())
         positional = tuple(zip(names, r.args))
-        return Invocation("ocf", str(agents_dir / ours), params=positional + params)
+        given = {k for k, _ in positional + params}
+        if all(p in given for p in REQUIRED.get(ours, ())):
+            return Invocation("ocf", str(agents_dir / ours), params=positional + params)
     if resource_d is not None and (resource_d / name).is_file():
         return Invocation("heartbeat", str(resource_d / name), args=r.args)
     if (ocf_root / "resource.d" / "heartbeat" / name).is_file():

@@ -116,6 +116,14 @@ def test_resolution_order_and_haresources_arguments(tmp_path):
     assert inv.path.endswith("/drbd") and inv.params == (("resource", "r0"),)
     inv = ag.resolve(Resource("ocf:heartbeat:Dummy", params=(("state", "/x"),)), None, agents_dir=agents)
     assert inv.path == "/usr/lib/ocf/resource.d/heartbeat/Dummy"
+    write(agents / "mysql", "#!/bin/sh\n")
+    initd = tmp_path / "init.d"
+    initd.mkdir()
+    write(initd / "mysql", "#!/bin/sh\n")
+    # a bare `mysql` in haresources is the init script (as with Heartbeat); with a datadir it is our agent
+    assert ag.resolve(Resource("mysql"), None, agents_dir=agents, init_d=initd).kind == "lsb"
+    inv = ag.resolve(Resource("mysql", ("/data/mysql",)), None, agents_dir=agents, init_d=initd)
+    assert inv.kind == "ocf" and inv.params == (("datadir", "/data/mysql"),)
     inv = ag.resolve(Resource("nosuchthing"), None, agents_dir=agents, init_d=tmp_path)
     assert inv.kind in ("missing", "systemd")
 
