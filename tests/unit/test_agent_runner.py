@@ -121,7 +121,7 @@ def test_resolution_order_and_haresources_arguments(tmp_path):
     initd.mkdir()
     write(initd / "mysql", "#!/bin/sh\n")
     # a bare `mysql` in haresources is the init script (as with Heartbeat); with a datadir it is our agent
-    assert ag.resolve(Resource("mysql"), None, agents_dir=agents, init_d=initd).kind == "lsb"
+    assert ag.resolve(Resource("mysql"), None, agents_dir=agents, init_d=initd, ocf_root=tmp_path).kind == "lsb"
     inv = ag.resolve(Resource("mysql", ("/data/mysql",)), None, agents_dir=agents, init_d=initd)
     assert inv.kind == "ocf" and inv.params == (("datadir", "/data/mysql"),)
     inv = ag.resolve(Resource("nosuchthing"), None, agents_dir=agents, init_d=tmp_path)
