@@ -15,6 +15,7 @@ either (``is_garp`` / the O flag) without waiting for its lock time.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
 import time
@@ -51,6 +52,9 @@ class VipSpec:
         """The IFA_LABEL to set on `nic` (None for IPv6 or no label)."""
         if self.version == 6 or not self.label:
             return None
+        if ":" in self.label and not self.label.startswith(nic + ":"):
+            raise AgentError(ERR_CONFIGURED, f"label {self.label!r} does not name interface {nic}, "
+                                             f"where {self.address} belongs")
         return check_label(self.label if ":" in self.label else f"{nic}:{self.label}")
 
 
@@ -214,11 +218,20 @@ def add(ipr, index: int, address: IPAddress, prefixlen: int, broadcast: IPAddres
             kw["label"] = label
     else:
         kw["flags"] = IFA_F_NODAD
-    ipr.addr("add", **kw)
+    _netlink(ipr.addr, "add", **kw)
 
 
 def remove(ipr, a: Assigned) -> None:
-    ipr.addr("del", index=a.index, address=str(a.address), prefixlen=a.prefixlen)
+    _netlink(ipr.addr, "del", index=a.index, address=str(a.address), prefixlen=a.prefixlen)
+
+
+def _netlink(call, *args, **kw):
+    """Run a pyroute2 call; its NetlinkError comes out as OSError(errno, text)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+    try:
+        return call(*args, **kw)
+    except NetlinkError as e:
+        raise OSError(e.code, os.strerror(e.code)) from None
 
 
 # ------------------------------------------------------------------ announcements

@@ -1,9 +1,14 @@
 """Mounts and the processes that use them, read from /proc; stopping those processes with escalation.
 
-Finding users never touches the filesystem in question: it reads /proc links with readlink (no
-stat, so a hung NFS server elsewhere cannot hang a stop), fdinfo's ``mnt_id`` and the device
-numbers in /proc/PID/maps.  Signals go through pidfds, so a pid that exits and is reused between
-the scan and the kill is never hit.
+A user is a process that keeps *this mount* busy (what makes umount fail with EBUSY): an open file,
+cwd, root, executable or mapped file reached through it.  Matching is by mount id, which is exact:
+a process whose cwd is the directory *under* the mount, or a copy of the mount in another mount
+namespace, is not a user and is left alone.  Cheap text checks come first and never touch any
+filesystem (readlink of /proc links, device numbers in /proc/PID/maps, fdinfo's mnt_id); only
+candidates that pass are confirmed by opening their /proc link with O_PATH, which reaches into our
+own filesystem only, so a hung NFS server elsewhere cannot hang a stop.
+
+Signals go through pidfds, so a pid that exits and is reused between scan and kill is never hit.
 """
 
 from __future__ import annotations
@@ -96,29 +101,54 @@ def _under(target: str, prefixes: tuple[str, ...]) -> bool:
     return any(target == p or target.startswith(p.rstrip("/") + "/") for p in prefixes)
 
 
+DENIED = -1          # _link_mnt_id: not allowed to look (map_files needs CAP_SYS_ADMIN)
+_MNT_ID = re.compile(r"^mnt_id:\s*(\d+)", re.MULTILINE)
+
+
+def _fdinfo_mnt_id(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            m = _MNT_ID.search(f.read())
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _link_mnt_id(link: str) -> int | None:
+    """The id of the mount a /proc magic link (cwd, exe, map_files/...) points into; None if the
+    link is gone, DENIED if we may not follow it."""
+    try:
+        fd = os.open(link, os.O_PATH | os.O_CLOEXEC)
+    except PermissionError:
+        return DENIED
+    except OSError:
+        return None
+    try:
+        return _fdinfo_mnt_id(f"/proc/self/fdinfo/{fd}")
+    finally:
+        os.close(fd)
+
+
 def _holds(pid: int, paths: tuple[str, ...], devs: frozenset[int], mount_ids: frozenset[int]) -> str | None:
-    """What of process `pid` is on the mount (e.g. "cwd", "fd 3", "mapped file"), or None."""
+    """What of process `pid` keeps one of the mounts busy ("cwd", "fd 3", ...), or None."""
     base = f"/proc/{pid}"
     for name in ("cwd", "root", "exe"):
         try:
-            if _under(os.readlink(f"{base}/{name}"), paths):
-                return name
+            candidate = _under(os.readlink(f"{base}/{name}"), paths)
         except OSError:
             continue
+        if candidate and ((mnt := _link_mnt_id(f"{base}/{name}")) == DENIED or mnt in mount_ids):
+            return name
     try:
         fds = os.listdir(f"{base}/fd")
     except OSError:
         fds = []
     for fd in fds:
         try:
-            if _under(os.readlink(f"{base}/fd/{fd}"), paths):
-                return f"fd {fd}"
-            with open(f"{base}/fdinfo/{fd}") as f:
-                info = f.read()
+            candidate = _under(os.readlink(f"{base}/fd/{fd}"), paths)
         except OSError:
             continue
-        m = re.search(r"^mnt_id:\s*(\d+)", info, re.M)
-        if m and int(m.group(1)) in mount_ids:
+        if candidate and _fdinfo_mnt_id(f"{base}/fdinfo/{fd}") in mount_ids:
             return f"fd {fd}"
     try:
         with open(f"{base}/maps") as f:
@@ -131,12 +161,13 @@ def _holds(pid: int, paths: tuple[str, ...], devs: frozenset[int], mount_ids: fr
             continue
         major, _, minor = parts[3].partition(":")
         try:
-            if os.makedev(int(major, 16), int(minor, 16)) in devs:
-                return "mapped file"
+            if os.makedev(int(major, 16), int(minor, 16)) not in devs:
+                continue
         except ValueError:
             continue
-        if len(parts) == 6 and _under(parts[5], paths):
-            return "mapped file"
+        mnt = _link_mnt_id(f"{base}/map_files/{parts[0]}")
+        if mnt == DENIED or mnt in mount_ids:   # denied: trust the device number alone
+            return "mapped file" + (f" {parts[5]}" if len(parts) == 6 else "")
     return None
 
 
@@ -221,9 +252,10 @@ def stop_users(mounts: Iterable[Mount], term_wait: float, kill_wait: float = 5.0
                     what = scope.holds(pid)
                     if what is None:
                         continue
+                    who = describe(pid)
                     try:
                         signal.pidfd_send_signal(fd, sig)
-                        report(f"sent {sig.name} to {describe(pid)}, which holds {what}")
+                        report(f"sent {sig.name} to {who}, which holds {what}")
                     except ProcessLookupError:
                         pass
                 if not found:
