@@ -16,7 +16,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from xml.dom import minidom
 
 import pytest
 from ocftester import ocf_tester
@@ -168,15 +167,6 @@ def python_in(disk: Disk, spawn, code: str) -> subprocess.Popen:
 
 
 # ------------------------------------------------------------------ tests
-def test_filesystem_meta_data_is_xml():
-    res = subprocess.run([str(AGENT), "meta-data"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=30)
-    assert res.returncode == 0, res.stderr
-    doc = minidom.parseString(res.stdout)
-    names = {p.getAttribute("name") for p in doc.getElementsByTagName("parameter")}
-    assert names == {"device", "directory", "fstype", "options", "fsck", "force_unmount"}
-
-
 def test_filesystem_mountinfo_parsing():
     text = ("36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw,errors=x\n"
             "37 35 0:5 / /proc rw - proc proc rw\n")

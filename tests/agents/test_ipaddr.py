@@ -8,7 +8,6 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from xml.dom import minidom
 
 import pytest
 from ocftester import ocf_tester
@@ -52,18 +51,6 @@ def lan_neighbour(lab, vip: str) -> dict | None:
 
 
 # ------------------------------------------------------------------ pure parsing
-def test_ipaddr_meta_data_is_xml():
-    res = subprocess.run([str(AGENT), "meta-data"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=30)
-    assert res.returncode == 0, res.stderr
-    doc = minidom.parseString(res.stdout)
-    names = {p.getAttribute("name") for p in doc.getElementsByTagName("parameter")}
-    assert names == {"ip", "cidr_netmask", "nic", "label", "broadcast", "arp_count",
-                     "arp_interval_ms"}
-    actions = {a.getAttribute("name") for a in doc.getElementsByTagName("action")}
-    assert {"start", "stop", "monitor", "meta-data", "validate-all"} <= actions
-
-
 def test_ipaddr_shorthand_parsing():
     spec = net.parse_vip("10.0.0.100/24/eth0/10.0.0.255")
     assert (str(spec.address), spec.prefixlen, spec.nic, str(spec.broadcast)) == \

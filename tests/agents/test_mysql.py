@@ -313,17 +313,6 @@ def test_failed_initialisation_and_failed_start_leave_nothing_behind(res, base):
     assert run_agent("stop", res).returncode == 0
 
 
-def test_meta_data_is_valid_ocf():
-    r = run_agent("meta-data", {})
-    assert r.returncode == 0
-    lint = subprocess.run(["xmllint", "--noout", "--valid", "-"], input=r.stdout, capture_output=True, text=True,
-                          cwd="/usr/share/resource-agents")
-    assert lint.returncode == 0, lint.stderr
-    for name in ("datadir", "binary", "socket", "pid", "port", "bind_address", "config", "additional_parameters",
-                 "test_query", "initialize"):
-        assert f'name="{name}"' in r.stdout
-
-
 def test_ocf_tester_passes_with_the_default_node_local_paths(res):
     params = {k: v for k, v in res.items() if k not in ("socket", "pid")}
     sock, pid = default_paths(params["datadir"])  # /run/hastore/mysql/HASH.*, HASH from this test's datadir

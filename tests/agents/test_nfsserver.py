@@ -82,16 +82,6 @@ def dirs():
         shutil.rmtree(top, ignore_errors=True)
 
 
-def test_meta_data_is_valid_ocf():
-    r = run_agent("meta-data", {})
-    assert r.returncode == 0
-    lint = subprocess.run(["xmllint", "--noout", "--valid", "-"], input=r.stdout, capture_output=True, text=True,
-                          cwd="/usr/share/resource-agents")
-    assert lint.returncode == 0, lint.stderr
-    for name in ("exports", "shared_dir", "state_dir", "threads"):
-        assert f'name="{name}"' in r.stdout
-
-
 def test_validate_all_checks_parameters_before_the_kernel(dirs):
     assert run_agent("validate-all", {"shared_dir": str(dirs["shared"])}).returncode == 6  # exports required
     assert run_agent("validate-all", {"exports": "/srv 10.0.0.0/24(rw)"}).returncode == 6  # shared_dir required
