@@ -241,6 +241,25 @@ NOT_UP_MARKERS = ("Device minor not allocated", "Unknown resource", "No such res
 NOT_DEFINED = "not defined in your config"
 
 
+_EXPLAIN = (
+    ("(-1)", "the peer is Primary and the configuration allows one Primary: demote it there first"),
+    ("(-2)", "DRBD has no access to UpToDate data on either side"),
+    ("(-7)", ("fencing is configured and the peer could not be outdated: make sure the peer is down or "
+              "outdated (`drbdadm outdate` on it) before promoting here")),
+    ("(-12)", "the device is held open (mounted or in use)"),
+    ("(104)", "the backing disk cannot be opened: is it present and not in use by something else?"),
+)
+
+
+def explain_failure(stderr: str) -> str:
+    """A sentence for the operator about a failed drbdadm call: DRBD's own message plus what it means."""
+    text = " / ".join(line.strip() for line in stderr.splitlines() if line.strip()) or "no message"
+    for code, meaning in _EXPLAIN:
+        if code in stderr:
+            return f"{text} ({meaning})"
+    return text
+
+
 def says_held_open(stderr: str) -> bool:
     return HELD_OPEN in stderr or "(-12)" in stderr
 
