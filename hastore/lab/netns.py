@@ -63,6 +63,21 @@ SETUP_TIMEOUT = 10.0
 Which = Literal["hb", "lan"]
 
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,12}")        # + 2-char suffix <= 15 (IFNAMSIZ - 1)
+_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _base36(n: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        n, d = divmod(n, 36)
+        digits.append(_B36[d])
+    return "".join(reversed(digits))
+
+
+def default_prefix() -> str:
+    """``hs`` + pid (4 base-36 digits) + sequence (2): always 8 characters, so an interface
+    name (prefix + 2) leaves room for a ``:label`` alias (a label holds 15 characters)."""
+    return f"hs{_base36(os.getpid(), 4)}{_base36(next(_seq), 2)}"
 _NODE_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
 _seq = itertools.count()
 
@@ -132,7 +147,7 @@ class Lab:
 
     def __init__(self, prefix: str | None = None, nodes: Sequence[str] = ("alpha", "bravo"),
                  workdir: Path | str | None = None) -> None:
-        self.prefix = prefix or f"hs{os.getpid() % 100000}n{next(_seq) % 1000}"
+        self.prefix = prefix or default_prefix()
         if not _PREFIX_RE.fullmatch(self.prefix):
             raise ValueError(f"lab prefix {self.prefix!r} must match {_PREFIX_RE.pattern}")
         names = tuple(nodes)
