@@ -30,7 +30,7 @@ POSITIONAL = {
     "IPaddr": ("ip",),
     "Filesystem": ("device", "directory", "fstype", "options"),
     "drbd": ("resource",),
-    "disklock": ("device",),
+    "disklock": ("device", "lease_ms", "wait_ms"),
     "mysql": ("datadir",),
     "nfsserver": ("exports", "shared_dir"),
 }

@@ -196,12 +196,15 @@ class Shared:
         self.lab, self.device = lab, device
         self.alpha, self.bravo = lab.nodes["alpha"], lab.nodes["bravo"]
 
-    def run(self, node, action: str, /, **params: str) -> subprocess.CompletedProcess:
+    def env(self, **params: str) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OCF_", "HASTORE_RUN_DIR"))}
         env.update(PYTHONPATH=str(REPO), OCF_RESOURCE_INSTANCE="lock", OCF_RESKEY_device=self.device,
                    OCF_RESKEY_lease_ms=str(LEASE_MS))
         env.update({f"OCF_RESKEY_{k}": v for k, v in params.items()})
-        return node.run([str(AGENT), action], env=env, timeout=60)
+        return env
+
+    def run(self, node, action: str, /, **params: str) -> subprocess.CompletedProcess:
+        return node.run([str(AGENT), action], env=self.env(**params), timeout=60)
 
     def timed(self, node, action: str, /, **params: str) -> tuple[subprocess.CompletedProcess, float]:
         t0 = time.monotonic()
@@ -407,3 +410,26 @@ def test_ocf_tester_passes_inside_a_lab_node(shared):
     assert "passed all tests" in out
     assert shared.block().record.released
     assert shared.pidfiles(shared.alpha) == []
+
+
+@pytest.mark.root
+def test_wait_ms_takes_the_lease_once_the_holder_releases_it(shared):
+    a, b = shared.alpha, shared.bravo
+    assert shared.run(a, "start").returncode == 0
+    waiter = b.popen([str(AGENT), "start"], env=shared.env(wait_ms="5000"), stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.8)
+        assert waiter.poll() is None, "a renewed lease is waited for, not refused, within wait_ms"
+        released = time.monotonic()
+        assert shared.run(a, "stop").returncode == 0
+        _, err = waiter.communicate(timeout=10)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+    assert waiter.returncode == 0, err
+    assert time.monotonic() - released < LEASE_MS / 1000, "taken at the release, not after a whole lease"
+    assert "waiting up to 5000ms" in err
+    assert shared.block().record.owner == "bravo"
+    res, took = shared.timed(a, "start", wait_ms="600")
+    assert res.returncode == 1 and took >= 0.6, (res.stderr, took)
