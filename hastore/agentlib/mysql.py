@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from hastore.agentlib.ocf import ERR_CONFIGURED, ERR_GENERIC, ERR_INSTALLED, NOT_RUNNING, SUCCESS, AgentError, log
 
-RUN_DIR = "/run/hastore/mysql"
+RUN_DIR = "/run/hastore-mysql"
 SERVER_NAMES = ("mariadbd", "mysqld")
 CLIENT_NAMES = ("mariadb", "mysql")
 INSTALL_DB_NAMES = ("mariadb-install-db", "mysql_install_db")
@@ -177,10 +177,19 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
+def _same_mount_ns(pid: int) -> bool:
+    """The server we start inherits our mount namespace. A server with the same command line in another one
+    belongs to another node sharing this kernel (containers, the namespace lab): never ours to watch or stop."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return False
+
+
 def is_ours(pid: int, s: Settings) -> bool:
     argv = _cmdline(pid)
     return (bool(argv) and os.path.basename(argv[0]) in {*SERVER_NAMES, os.path.basename(s.binary)}
-            and f"--defaults-file={s.cnf}" in argv and alive(pid))
+            and f"--defaults-file={s.cnf}" in argv and alive(pid) and _same_mount_ns(pid))
 
 
 def find_server(s: Settings) -> int | None:

@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="local: groups whose preferred node is this one; foreign (failback): the others")
         c.add_argument("--socket", default=DEFAULT_SOCKET)
 
+    from hastore.lab.cli import add_parser as add_lab_parser
+    add_lab_parser(sub)
+
     cfg = sub.add_parser("config", help="check or convert configuration")
     csub = cfg.add_subparsers(dest="config_command", required=True)
     check = csub.add_parser("check", help="validate a TOML file or a Heartbeat directory")
@@ -69,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_simple(args.socket, args.command, scope=args.scope)
     if args.command == "config":
         return cmd_config(args)
+    if args.command == "lab":
+        from hastore.lab.cli import main as lab_main
+        return lab_main(args)
     return 2
 
 

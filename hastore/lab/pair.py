@@ -49,7 +49,7 @@ DEFAULT_RESOURCES = "labflag::web"
 
 
 def write_legacy_config(lab: Lab, node: Node, timing: PairTiming, ping: bool | str = True,
-                        resources: str = DEFAULT_RESOURCES) -> Path:
+                        resources: str = DEFAULT_RESOURCES, auto_failback: str = "off") -> Path:
     """ping: True pings the LAN gateway by address, a string names the ping node as written, False none."""
     peer = lab.peer(node)
     d = lab.workdir / node.name / "ha.d"
@@ -62,7 +62,7 @@ def write_legacy_config(lab: Lab, node: Node, timing: PairTiming, ping: bool | s
         f"ucast {node.hb_if} {peer.hb_addr}\n"
         f"serial {node.serial}\nbaud 115200\n"
         + (f"ping {ping if isinstance(ping, str) else lab.gateway}\n" if ping else "")
-        + "auto_failback off\n"
+        + f"auto_failback {auto_failback}\n"
         f"node {lab.nodes[sorted(lab.nodes)[0]].name}\nnode {lab.nodes[sorted(lab.nodes)[1]].name}\n")
     first = lab.nodes[sorted(lab.nodes)[0]].name
     (d / "haresources").write_text(f"{first} {resources}\n")
@@ -100,13 +100,14 @@ class Pair:
     """Starts and stops the two daemons; `status(node)` asks a node with `hastore status --json`."""
 
     def __init__(self, lab: Lab, timing: PairTiming = PairTiming(), ping: bool | str = True,
-                 resources: str = DEFAULT_RESOURCES, groups_toml: str | None = None):
+                 resources: str = DEFAULT_RESOURCES, groups_toml: str | None = None, auto_failback: str = "off"):
         """With groups_toml the nodes get a native TOML file (with those groups) instead of /etc/ha.d files."""
         self.lab = lab
         self.resources = resources
         self.groups_toml = groups_toml
         self.timing = timing
         self.ping = ping
+        self.auto_failback = auto_failback
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
 
@@ -115,7 +116,8 @@ class Pair:
         if self.groups_toml is not None:
             confdir = write_toml_config(self.lab, node, self.timing, self.groups_toml)
         else:
-            confdir = write_legacy_config(self.lab, node, self.timing, self.ping, self.resources)
+            confdir = write_legacy_config(self.lab, node, self.timing, self.ping, self.resources,
+                                          self.auto_failback)
         state = self.lab.workdir / name / "state"
         state.mkdir(parents=True, exist_ok=True)
         self.logs[name] = log = self.lab.workdir / name / "hastore.log"

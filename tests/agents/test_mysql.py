@@ -232,6 +232,25 @@ def test_kill_9_then_start_recovers_the_data(res):
     assert run_agent("stop", res).returncode == 0
 
 
+def test_a_server_of_another_node_sharing_the_kernel_is_not_ours(res):
+    """In the namespace lab both nodes see every process: the other node's server (same datadir path, same
+    command line) must be neither reported running here nor stopped from here."""
+    assert run_agent("start", res).returncode == 0
+    pid = server_pid(res)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCF_")}
+    env.update({"OCF_ROOT": "/usr/lib/ocf", "OCF_RESOURCE_INSTANCE": "test-mysql"})
+    env.update({f"OCF_RESKEY_{k}": v for k, v in res.items()})
+    # The other node: its own mount namespace and its own (empty) node-local run directory.
+    run_dir = os.path.dirname(res["pid"])
+    other = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             'mount -t tmpfs other-node "$1" && shift && exec "$@"', "other", run_dir, AGENT]
+    for action, rc in (("monitor", 7), ("stop", 0)):
+        r = subprocess.run([*other, action], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == rc, (action, r.stderr)
+    assert alive(pid), "the other node's stop left this node's server alone"
+    assert run_agent("monitor", res).returncode == 0, "and it is still found here (by its command line)"
+
+
 def test_stop_kills_a_server_that_ignores_term(res):
     assert run_agent("start", res).returncode == 0
     pid = server_pid(res)
@@ -315,7 +334,7 @@ def test_failed_initialisation_and_failed_start_leave_nothing_behind(res, base):
 
 def test_ocf_tester_passes_with_the_default_node_local_paths(res):
     params = {k: v for k, v in res.items() if k not in ("socket", "pid")}
-    sock, pid = default_paths(params["datadir"])  # /run/hastore/mysql/HASH.*, HASH from this test's datadir
+    sock, pid = default_paths(params["datadir"])  # /run/hastore-mysql/HASH.*, HASH from this test's datadir
     try:
         r = ocf_tester(AGENT, params, timeout=120)  # raises AssertionError with ocf-tester's output on failure
         assert "passed all tests" in r.stdout
