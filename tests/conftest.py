@@ -42,3 +42,9 @@ def lab():
     from hastore.lab.netns import Lab
     with Lab() as started:
         yield started
+
+
+@pytest.fixture(scope="session")
+def as_root() -> None:
+    """For fixtures wider than a test (which run before a test's marker is looked at)."""
+    require_root()

@@ -109,7 +109,11 @@ def state(d: Path) -> dict:
         raise LabCliError(f"no lab in {d} (run `hastore lab up --dir {d}`)") from None
 
 
-def up(d: Path, **opts: str) -> dict:
+def up(d: Path, owner_pid: int | None = None, **opts: str) -> dict:
+    """Build and start the lab in DIR (or return the running one's description).
+
+    owner_pid: the lab takes itself down when that process exits (what tests pass: a killed test run
+    leaves nothing behind)."""
     if keeper_alive(d) and (d / K.STATE_FILE).exists():
         return state(d)
     if d.exists() and any(d.iterdir()) and not (d / OWNER_FILE).exists():
@@ -122,6 +126,8 @@ def up(d: Path, **opts: str) -> dict:
     argv = [sys.executable, "-m", "hastore.lab.keeper", "--dir", str(d), "--prefix", prefix]
     for k, v in opts.items():
         argv += [f"--{k.replace('_', '-')}", v]
+    if owner_pid:
+        argv += ["--owner-pid", str(owner_pid)]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -64,12 +64,13 @@ def group_running_on(status: dict, node: str) -> bool:
 def haresources_line(d: Path, lock: str, data: str, first: str) -> str:
     mnt = d / "data"
     return (f"{first} disklock::{lock}::{LEASE_MS}::{WAIT_MS} Filesystem::{data}::{mnt}::ext4 "
-            f"IPaddr::{VIP}/24 mysql::{mnt}/mysql")
+            f"IPaddr::{VIP}/24 mysql::{mnt}/mysql::--host-cache-size=0")  # probes are not connect errors
 
 
 class Keeper:
-    def __init__(self, d: Path, opts: Options, prefix: str):
+    def __init__(self, d: Path, opts: Options, prefix: str, owner: tuple[int, int | None] | None = None):
         self.d, self.opts, self.prefix = d, opts, prefix
+        self.owner = owner  # (pid, start time): tear the lab down when that process is gone (test runs)
         self.lab: Lab | None = None
         self.pair: Pair | None = None
         self.loops: dict[str, str] = {}
@@ -146,6 +147,8 @@ class Keeper:
         try:
             if cmd == "status":
                 return {"ok": True, "status": self.status()}
+            if cmd == "holds":  # cheap: the kernel's view only, for audits sampling many times a second
+                return {"ok": True, "t": time.monotonic(), "holds": {n: self.holds(n) for n in self.lab.nodes}}
             if cmd in FAULTS:
                 node = req.get("node")
                 if node not in self.lab.nodes:
@@ -356,6 +359,9 @@ def serve(keeper: Keeper) -> None:
     signal.signal(signal.SIGINT, lambda *_: setattr(keeper, "stopping", True))
     try:
         while not keeper.stopping:
+            if keeper.owner and netns._start_time(keeper.owner[0]) != keeper.owner[1]:
+                log.warning("owner process %d is gone: taking the lab down", keeper.owner[0])
+                break
             try:
                 conn, _ = srv.accept()
             except (TimeoutError, socket.timeout):
@@ -400,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hastore.lab.keeper")
     ap.add_argument("--dir", required=True)
     ap.add_argument("--prefix", required=True)
+    ap.add_argument("--owner-pid", type=int, help="take the lab down when this process exits")
     for f in ("keepalive", "warntime", "deadtime", "initdead", "auto_failback"):
         ap.add_argument(f"--{f.replace('_', '-')}", default=getattr(Options, f))
     a = ap.parse_args(argv)
@@ -407,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(filename=str(d / "keeper.log"), level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     opts = Options(a.keepalive, a.warntime, a.deadtime, a.initdead, a.auto_failback)
-    keeper = Keeper(d, opts, a.prefix)
+    owner = (a.owner_pid, netns._start_time(a.owner_pid)) if a.owner_pid else None
+    keeper = Keeper(d, opts, a.prefix, owner)
     try:
         info = keeper.build()
     except BaseException as e:  # noqa: BLE001 - report anything to `lab up`, then clean up

@@ -331,7 +331,9 @@ class Lab:
         _ip(["-n", n.netns, "link", "set", dev, "up"])
         if which == "hb":
             peer = self.peer(n)
-            _await_operstate([(n.netns, dev), (peer.netns, peer.hb_if)], "UP")
+            if _admin_up(peer.netns, peer.hb_if):
+                _await_operstate([(n.netns, dev), (peer.netns, peer.hb_if)], "UP")
+            # else: the cable is still down at the peer's end; ours gets carrier when that one comes up
         else:
             _await_operstate([(n.netns, dev)], "UP")
 
@@ -603,6 +605,14 @@ def _await_operstate(ends: list[tuple[str, str]], state: str) -> None:
         if time.monotonic() > deadline:
             raise LabError(f"links not {state} after {SETUP_TIMEOUT} s: {pending}")
         time.sleep(0.01)
+
+
+def _admin_up(ns: str, dev: str) -> bool:
+    r = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", dev], capture_output=True, text=True)
+    try:
+        return r.returncode == 0 and "UP" in json.loads(r.stdout)[0]["flags"]
+    except (ValueError, IndexError, KeyError):
+        return False
 
 
 def _operstate(ns: str, dev: str) -> str | None:
