@@ -1,90 +1,127 @@
-"""The pair demo: two `hastore run` daemons in a namespace lab, then the faults a Heartbeat admin tests by hand.
+"""`hastore lab demo`: the lab up, rows written through the VIP, the active node killed, the takeover shown
+as a timeline (text and PNG), the node brought back and the group failed back.
 
-    python3 -m hastore.lab.demo        (root)
-
-Prints each step with the time since the fault and what `hastore status` says. Everything it creates
-(namespaces, socat, daemons) is removed when it ends, also on Ctrl-C.
+Run as root on Debian 12 after scripts/install-deps (the README's first command does both).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import time
+from pathlib import Path
 
-from hastore.cli.main import format_status
-from hastore.lab.netns import Lab
-from hastore.lab.pair import Pair, PairTiming, peer_alive, peer_dead
+from hastore.lab import cli, timeline
+from hastore.lab.probe import Writer, start_probe
+from hastore.lab.scenario import LabHandle, Sampler, decisions, log_time
+
+TABLE = "demo"
 
 
 def say(text: str) -> None:
-    print(f"\n== {text}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def owner(status: dict) -> str | None:
-    return next(iter(status["groups"].values()))["owner"]
+def daemon_milestones(lab: LabHandle, node: str, since_wall: float, peer: str) -> list[dict]:
+    """What the daemon on `node` logged after since_wall, as {t (monotonic), label} items."""
+    offset = time.time() - time.monotonic()
+    out = []
+    patterns = ((f"{peer} is dead", f"{node} declares {peer} dead"), (f"{peer} left the cluster", f"{node} hears {peer} leave"),
+                ("taking group", f"{node} decides to take the group"),
+                ("starting group", f"{node} decides to start the group"),
+                ("group group1 started", f"{node}: group started"))
+    seen = set()
+    for e in lab.logs(node):
+        wall = log_time(e)
+        if wall is None or wall < since_wall:
+            continue
+        text = e.get("reason", "") if e.get("event") == "decision" else ""
+        if e.get("event") == "agent" and e.get("op") == "start" and e.get("rc") == 0:
+            label = f"{node}: {e.get('resource', '?').split('::')[0]} started"
+        else:
+            label = next((lbl for pat, lbl in patterns if pat in text), None)
+        if label and label not in seen:
+            seen.add(label)
+            out.append({"t": wall - offset, "label": label})
+    return out
 
 
-def timed(pair: Pair, node: str, predicate, what: str, t0: float, timeout: float = 10) -> dict:
-    s = pair.wait_for(node, predicate, timeout=timeout, interval=0.02)
-    print(f"   +{(time.monotonic() - t0) * 1000:6.0f} ms  {what}", flush=True)
-    return s
+def failover(lab: LabHandle, kind: str, victim: str, title: str, png: Path, writer_table: str) -> dict:
+    survivor = lab.peer(victim)
+    db = lab.db
+    probe = start_probe(lab, lab.vip, db["port"], lab.d / f"probe-{png.stem}.jsonl", macs=lab.macs,
+                        writer=Writer(user=db["user"], password=db["password"], database=db["database"],
+                                      table=writer_table))
+    sampler = Sampler(lab)
+    sampler.start()
+    try:
+        lab.wait("writes through the VIP", lambda: sum(1 for e in probe.events() if e.get("kind") == "write") >= 1,
+                 timeout=30)
+        time.sleep(1.0)
+        since_wall = time.time()
+        say(f"{title}: t=0")
+        t0 = lab.fault(victim, kind) if kind != "standby" else _standby(lab, victim)
+        lab.wait_group_on(survivor, timeout=60)
+        lab.wait("a write after the fault", lambda: any(
+            e.get("kind") == "write" and e["t"] > t0 for e in probe.events()), timeout=30)
+        time.sleep(0.5)
+    finally:
+        samples = sampler.stop()
+        events = probe.stop()
+    extra = daemon_milestones(lab, survivor, since_wall, victim)
+    ms = timeline.derive(events, t0, extra)
+    print(timeline.text(ms))
+    timeline.png(ms, png, title)
+    both = sampler.overlaps()
+    say(f"picture: {png}")
+    say(f"samples of who holds the group: {len(samples)}; with both nodes holding something: {len(both)}")
+    return {"events": events, "milestones": ms, "overlaps": both}
 
 
-def main() -> int:
-    if os.geteuid() != 0:
-        print("the demo needs root (network namespaces)", file=sys.stderr)
-        return 2
-    timing = PairTiming()
-    with Lab() as lab, Pair(lab, timing) as pair:
-        say(f"lab {lab.prefix}: nodes alpha and bravo, heartbeat over a veth pair (ucast) and a pty serial line, "
-            f"ping node {lab.gateway}; keepalive {timing.keepalive}, deadtime {timing.deadtime}")
-        print(f"   config (Heartbeat format): {lab.workdir}/alpha/ha.d/ha.cf")
-        pair.start_all()
-        t0 = time.monotonic()
-        for me, peer in (("alpha", "bravo"), ("bravo", "alpha")):
-            timed(pair, me, peer_alive(peer, {"ucast": True, "serial": True}), f"{me} sees {peer} on both links", t0)
-        timed(pair, "bravo", lambda s: owner(s) == "alpha", "alpha (preferred node) holds group1", t0)
-        print(format_status(pair.status("bravo")))
+def _standby(lab: LabHandle, node: str) -> float:
+    t = time.monotonic()
+    r = lab.hastore(node, "standby")
+    if r.returncode != 0:
+        raise RuntimeError(f"hastore standby on {node}: {r.stderr.strip()}")
+    return t
 
-        say("fault: the heartbeat cable (veth) goes down — serial keeps the cluster together")
-        t0 = time.monotonic()
-        lab.link_down("alpha", "hb")
-        timed(pair, "bravo", peer_alive("alpha", {"ucast": False, "serial": True}),
-              "bravo: ucast link dead, alpha still alive over serial", t0)
-        time.sleep(1.2)
-        print(f"   group1 still on {owner(pair.status('bravo'))} (no failover)")
-        lab.link_up("alpha", "hb")
-        timed(pair, "bravo", peer_alive("alpha", {"ucast": True, "serial": True}), "cable back: both links up", t0)
 
-        say("fault: alpha's daemon is killed with SIGKILL (no goodbye) — bravo waits deadtime, then takes over")
-        t0 = time.monotonic()
-        pair.signal("alpha", signal.SIGKILL)
-        timed(pair, "bravo", lambda s: s["peers"]["alpha"]["state"] == "warn", "bravo: alpha is late (warntime)", t0)
-        timed(pair, "bravo", peer_dead("alpha"), "bravo: alpha declared dead", t0)
-        timed(pair, "bravo", lambda s: owner(s) == "bravo", "bravo holds group1", t0)
-        print(format_status(pair.status("bravo")))
-
-        say("alpha's daemon starts again (auto_failback off: the group stays on bravo)")
-        t0 = time.monotonic()
-        pair.procs["alpha"].wait(5)
-        pair.start("alpha")
-        timed(pair, "bravo", peer_alive("alpha", {"ucast": True, "serial": True}), "bravo sees alpha's new generation", t0)
-        print(f"   group1 on {owner(pair.status('alpha'))}")
-
-        say("planned stop: SIGTERM to bravo — it releases, tells alpha, alpha takes over without waiting deadtime")
-        t0 = time.monotonic()
-        pair.signal("bravo", signal.SIGTERM)
-        timed(pair, "alpha", lambda s: owner(s) == "alpha", "alpha holds group1", t0)
-        print(format_status(pair.status("alpha")))
-        print("\nreasons alpha logged, newest last:")
-        for e in pair.events("alpha")[-6:]:
-            if e.get("reason"):
-                print(f"   {e['timestamp'][11:23]}  {e['reason']}")
-    print("\nlab removed.")
-    return 0
+def run(d: Path, keep: bool = False) -> int:
+    say(f"building the lab in {d} (two nodes in network namespaces, a shared disk, MariaDB)")
+    info = cli.up(d)
+    cli.print_summary(info)
+    lab = LabHandle(d)
+    out = d.with_name(d.name + "-demo")  # outlives `lab down`
+    out.mkdir(parents=True, exist_ok=True)
+    ok = True
+    try:
+        holder = lab.heal_all()
+        peer = lab.peer(holder)
+        say(f"the group runs on {holder}: disk lock -> ext4 mount -> VIP {lab.vip} -> MariaDB")
+        lab.sql(f"DROP TABLE IF EXISTS {TABLE}")
+        r1 = failover(lab, "kill", holder, f"kill -9 of hastore on {holder}", out / "timeline-kill.png", TABLE)
+        say(f"bringing {holder} back")
+        lab.fault(holder, "heal")
+        lab.wait("both nodes see each other", lab.healthy, timeout=60)
+        say(f"failing back: hastore standby on {peer}")
+        r2 = failover(lab, "standby", peer, f"hastore standby on {peer} (fail back)", out / "timeline-failback.png",
+                      TABLE + "_back")
+        for name, r in (("failover", r1), ("failback", r2)):
+            [acked] = [e for e in r["events"] if e.get("kind") == "acked"] or [{"ids": []}]
+            table = TABLE if name == "failover" else TABLE + "_back"
+            stored = {int(x) for x in lab.sql(f"SELECT id FROM {table}").stdout.split()}
+            lost = sorted(set(acked["ids"]) - stored)
+            say(f"{name}: {len(acked['ids'])} writes acknowledged, {len(lost)} missing afterwards"
+                + (f": {lost[:10]}" if lost else ""))
+            ok = ok and not lost and not r["overlaps"]
+    finally:
+        if keep:
+            say(f"the lab stays up: hastore lab status --dir {d}; hastore lab down --dir {d}")
+        else:
+            say("taking the lab down")
+            cli.down(d)
+    say("done" if ok else "FAILED: see above")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(Path(sys.argv[1]) if len(sys.argv) > 1 else cli.DEFAULT_DIR))
