@@ -10,6 +10,7 @@ import asyncio
 import gc
 import signal
 import socket
+import time
 from pathlib import Path
 from dataclasses import replace
 
@@ -21,12 +22,13 @@ from hastore.core.engine import Engine
 from hastore.io import log as hlog
 from hastore.io.agents import AgentRunner
 from hastore.io.control import ControlError, ControlServer
+from hastore.io.guard import GuardClient, GuardError
 from hastore.io.pinger import Pinger
 from hastore.io.state import StateError, StateStore
 from hastore.io.transports import Transport, TransportError, make_transport
 
 # Changing these needs a restart: sockets, identities and the control socket are set up once.
-RESTART_FIELDS = ("node", "nodes", "links", "udpport", "control_socket", "state_dir", "groups")
+RESTART_FIELDS = ("node", "nodes", "links", "udpport", "control_socket", "state_dir", "groups", "guard")
 
 _NOTIFY_LEVEL = {"peer-dead": "warning", "peer-warn": "warning", "link-dead": "warning", "link-warn": "warning",
                  "dual-claim": "error", "group-failed": "error", "cannot-take-over": "warning",
@@ -57,10 +59,14 @@ class Daemon:
         self.ping_targets: dict[str, str] = {}  # configured name or address -> address pinged
         self.ping_names: dict[str, list[str]] = {}  # address -> configured names
         self.control: ControlServer | None = None
-        self.runner = AgentRunner(config.groups, _resource_d(config), self._agent_done)
+        self.runner = AgentRunner(config.groups, _resource_d(config), self._agent_done, self.log)
         self.timer: asyncio.TimerHandle | None = None
         self.finished: asyncio.Future | None = None
         self.state = StateStore(config.state_dir)
+        self.guard: GuardClient | None = None
+        self.held_key: list[tuple[str, int]] = []  # the resources the guard was last told we hold
+        self.fenced = False  # the guard fenced this node: nothing more is decided, we exit once it is done
+        self.stall_ms = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -99,6 +105,11 @@ class Daemon:
             await self.pinger.open()  # replies are collected on the beat timer, see _on_timer
         self.control = ControlServer(self.config.control_socket, self.handle_request)
         await self.control.open()
+        if self.config.guard:  # last: nothing above may block the loop past guard_timeout once it watches
+            self.guard = GuardClient(self.config.guard_timeout, self.config.logging.logfile, self._on_guard_change,
+                                     asyncio.get_running_loop())
+            self.guard.start()
+            self.runner.spawned = self.guard.track_agents
 
     def _resolve_ping_targets(self) -> None:
         """Ping nodes may be host names (as in ha.cf): resolve them once, at start and on reload."""
@@ -117,6 +128,11 @@ class Daemon:
         if self.timer is not None:
             self.timer.cancel()
         self.runner.cancel_all()
+        if self.guard is not None:
+            if self.held_key and not self.fenced:
+                self.log.error("exiting", reason=f"exiting while {self._held_names()} may still run here: the guard "
+                                                 f"stops them")
+            self.guard.close(bye=not self.held_key)  # bye only once nothing is held: else the guard fences
         for t in self.transports.values():
             t.close()
         if self.pinger is not None:
@@ -129,11 +145,16 @@ class Daemon:
         if self.finished is None or self.finished.done():
             return
         loop = asyncio.get_running_loop()
+        if not self._guard_ok(loop.time()):
+            return
         decision = self.engine.handle(event, loop.time())
         if decision.reason:
             self._log_decision(decision)
         for action in decision.actions:
             self._execute(action)
+        if self.guard is not None and (isinstance(event, E.AgentDone) or
+                                       any(isinstance(a, A.RunAgent) for a in decision.actions)):
+            self._tell_guard_held()
         self._rearm(loop)
 
     def _log_decision(self, d: A.Decision) -> None:
@@ -200,6 +221,87 @@ class Daemon:
     def _on_link_error(self, link: str, detail: str) -> None:
         self.feed(E.LinkTrouble(link, detail))
 
+    # -- the guard ----------------------------------------------------------------------------
+    def _tell_guard_held(self) -> None:
+        """Send the guard what may run here (started, starting, stopping, failed), in start order, when it changed."""
+        key = [(name, i) for name, ops in self.engine.ops.items() for i in ops.held()]
+        if key == self.held_key:
+            return
+        self.held_key = key
+        held = []
+        for name, i in key:
+            timeout = self.engine.ops[name].timeout_s("stop", i)
+            cmd = self.runner.command(name, i, "stop", timeout)
+            if cmd is not None:
+                held.append({"name": f"{name}/{self.runner.names[(name, i)]}", "argv": list(cmd.argv),
+                             "env": cmd.env, "timeout_s": timeout})
+        self.guard.hold(held)
+
+    def _held_names(self) -> str:
+        return ", ".join(f"{name}/{self.runner.names[(name, i)]}" for name, i in self.held_key)
+
+    def _guard_ok(self, now: float) -> bool:
+        """Before every decision: pets the guard (at most every eighth of guard_timeout), and is False once the
+        guard fenced this node. Pets go with every event, not only the timer's: an event in the same loop pass
+        cancels the timer (_rearm), and the engine's deadlines make some event come at least every keepalive.
+        After a stall longer than guard_timeout (the loop did not run: SIGSTOP, a frozen VM) the guard may have
+        fenced meanwhile: ask it, and wait for the answer, before deciding anything on a belief that may be stale."""
+        if self.guard is None or self.fenced:
+            return not self.fenced
+        gap = self.guard.silence(now)
+        if gap <= self.guard.timeout_s or self.guard.gone:
+            if gap >= self.guard.timeout_s / 8:
+                self.guard.pet()
+            return True
+        self.stall_ms = int(gap * 1000)
+        answer = self.guard.confirm(max(1.0, self.guard.timeout_s))
+        if answer is not False:
+            said = "the guard had not fenced" if answer else "the guard does not answer"
+            self.log.warning("stalled", reason=f"the daemon did not run for {self.stall_ms} ms (guard_timeout "
+                                               f"{self.guard.timeout_ms} ms); {said}: carrying on")
+        self._on_guard_change()
+        return not self.fenced
+
+    def _on_guard_change(self) -> None:
+        """The guard said it fenced, or it is gone. Idempotent: called by the pipe's reader and after a stall."""
+        g = self.guard
+        if g is None or self.finished.done():
+            return
+        if g.fencing is not None and not self.fenced:
+            self.fenced = True
+            if self.timer is not None:
+                self.timer.cancel()
+            # since our last message: the freeze, unless _guard_ok measured it before its sync
+            frozen = max(self.stall_ms, int(g.silence(time.monotonic()) * 1000))
+            self.log.error("fenced", reason=f"the guard self-fenced this node while the daemon was not running "
+                                            f"(frozen {frozen} ms); exiting so a supervisor restarts it clean",
+                           guard=g.fencing.get("reason"))
+        if not g.gone:
+            return  # when fenced: wait until the guard has stopped everything, or a restart could adopt it midway
+        if self.fenced:
+            self.log.info("exiting", node=self.config.node, code=3)
+            self.finished.set_result(3)
+            return
+        self._guard_lost()
+
+    def _guard_lost(self) -> None:
+        """The guard exited without fencing (killed, or a bug): start another, unless it dies young."""
+        g = self.guard
+        lived = time.monotonic() - g.started_at
+        what = f"the guard (pid {g.proc.pid}) exited without fencing ({g.describe_exit()})"
+        if lived > g.timeout_s:
+            self.log.error("guard", reason=f"{what}: starting a new one")
+            try:
+                g.start()
+                return
+            except GuardError as e:
+                what = str(e)
+        self.log.error("guard", reason=f"{what}: this node is unguarded; releasing groups and leaving")
+        g.close(bye=True)
+        self.guard = None
+        self.runner.spawned = None
+        self.feed(E.Shutdown())
+
     # -- control and reload ---------------------------------------------------------------------
     def handle_request(self, request: dict) -> dict:
         cmd = request.get("cmd")
@@ -207,6 +309,7 @@ class Daemon:
         if cmd == "status":
             status = self.engine.status(loop.time())
             status["links"] = {lid: dict(t.stats) for lid, t in self.transports.items()}
+            status["guard"] = self.guard.status() if self.guard is not None else None
             return {"ok": True, "status": status}
         if cmd == "reload":
             return self.reload()
@@ -235,6 +338,8 @@ class Daemon:
             self.log.error("reload refused", reason=why)
             return {"ok": False, "error": why}
         self.config = new
+        if self.guard is not None:
+            self.guard.set_timeout(new.guard_timeout)
         if self.pinger is not None:
             self._resolve_ping_targets()
         for w in new.warnings:
@@ -255,6 +360,6 @@ def _resource_d(config: Config) -> Path | None:
 def run(config: Config, allow_insecure_auth: bool = False) -> int:
     try:
         return asyncio.run(Daemon(config, allow_insecure_auth).run())
-    except (TransportError, ControlError, StateError) as e:
+    except (TransportError, ControlError, StateError, GuardError) as e:
         hlog.get().error("cannot start", reason=str(e))
         return 1

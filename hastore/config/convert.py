@@ -66,7 +66,9 @@ def to_toml(cfg: Config) -> str:
         ("keepalive", t.keepalive_ms), ("warntime", t.warntime_ms), ("deadtime", t.deadtime_ms),
         ("initdead", t.initdead_ms))])
     out += _section("[daemon]", [("control_socket", cfg.control_socket), ("state_dir", cfg.state_dir),
-                                 ("watchdog", cfg.watchdog)])
+                                 ("watchdog", cfg.watchdog), ("guard", None if cfg.guard else False),
+                                 ("guard_timeout", None if cfg.guard_timeout_ms is None
+                                  else format_duration(cfg.guard_timeout_ms))])
     lg = cfg.logging
     out += _section("[logging]", [("logfile", lg.logfile), ("debugfile", lg.debugfile),
                                   ("logfacility", lg.logfacility), ("use_logd", lg.use_logd)])

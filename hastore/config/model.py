@@ -170,9 +170,24 @@ class Config:
     stonith: Stonith = field(default_factory=Stonith)
     control_socket: str = DEFAULT_SOCKET
     state_dir: str = DEFAULT_STATE_DIR
+    guard: bool = True  # run the guard: it stops this node's resources when the daemon dies or freezes
+    guard_timeout_ms: int | None = None  # None: default_guard_timeout_ms(timing)
     source: str = ""  # the file or directory this came from
     warnings: tuple[str, ...] = ()  # "file:line: message" for directives accepted but ignored
 
     @property
     def peers(self) -> tuple[str, ...]:
         return tuple(n for n in self.nodes if n != self.node)
+
+    @property
+    def guard_timeout(self) -> int:
+        """The guard's timeout in ms: as configured, else default_guard_timeout_ms."""
+        return self.guard_timeout_ms if self.guard_timeout_ms is not None else default_guard_timeout_ms(self.timing)
+
+
+def default_guard_timeout_ms(t: Timing) -> int:
+    """deadtime - keepalive: the guard stops a frozen node's resources a keepalive before the peer declares it
+    dead and starts them. It must also allow more than two missed pets (> 2 x keepalive): where deadtime is under
+    3 x keepalive, halfway between the two."""
+    k, d = t.keepalive_ms, t.deadtime_ms
+    return d - k if d - k > 2 * k else (2 * k + d) // 2

@@ -139,6 +139,8 @@ def _config(top: Table, path: str, node: str, allow_insecure: bool) -> Config:
     control_socket = daemon.get("control_socket", str, DEFAULT_SOCKET)
     state_dir = daemon.get("state_dir", str, DEFAULT_STATE_DIR)
     watchdog = daemon.get("watchdog", str)
+    guard = daemon.get("guard", bool, True)
+    guard_timeout = _duration(daemon, "guard_timeout")
     daemon.finish()
     ping = top.table("ping")
     ping_nodes = tuple(ping.strings("nodes"))
@@ -153,7 +155,7 @@ def _config(top: Table, path: str, node: str, allow_insecure: bool) -> Config:
         respawn=tuple(_respawn(t) for t in top.tables("respawn")), watchdog=watchdog,
         logging=_logging(top.table("logging")), autojoin=autojoin.lower(),
         stonith=_stonith(top.table("stonith")), control_socket=control_socket, state_dir=state_dir,
-        source=path,
+        guard=guard, guard_timeout_ms=guard_timeout, source=path,
     )
 
 

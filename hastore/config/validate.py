@@ -74,6 +74,7 @@ def check(cfg: Config, where: Locator, skip: frozenset[str] = frozenset()) -> tu
 
     if "timing" not in skip:
         _check_timing(cfg, err, warn)
+        _check_guard(cfg, err)
     if "nodes" not in skip:
         _check_nodes(cfg, where, err, warn)
     _check_links(cfg, err, "links" in skip)
@@ -102,6 +103,19 @@ def _check_timing(cfg: Config, err, warn) -> None:
     elif i < 10000:
         warn("timing.initdead", f"initdead {fmt(i)} may be too short for a slow network start "
              f"(Heartbeat advises >= deadtime and >= 10s)")
+
+
+def _check_guard(cfg: Config, err) -> None:
+    """Only a configured guard_timeout can be wrong: the default always lies between the two bounds."""
+    g, k, d = cfg.guard_timeout_ms, cfg.timing.keepalive_ms, cfg.timing.deadtime_ms
+    if g is None or k <= 0:
+        return
+    if g <= 2 * k:
+        err("daemon.guard_timeout", f"guard_timeout {fmt(g)} must be more than 2 x keepalive {fmt(k)} "
+            f"(= {fmt(2 * k)}): the guard must not stop the resources of a daemon that only missed two beats")
+    elif g >= d:
+        err("daemon.guard_timeout", f"guard_timeout {fmt(g)} must be less than deadtime {fmt(d)}: the guard must "
+            f"stop this node's resources before the peer declares it dead and starts them")
 
 
 def _check_nodes(cfg: Config, where: Locator, err, warn) -> None:

@@ -25,6 +25,9 @@ class RState(enum.Enum):
     STOP_FAILED = "stop-failed"
 
 
+HOLDING = {RState.STARTED, RState.FAILED, RState.STOP_FAILED}  # may be (partly) running here
+
+
 @dataclass(frozen=True)
 class Policy:
     start_timeout_s: float = 90.0
@@ -207,13 +210,22 @@ class GroupOps:
 
     def _run(self, op: str, index: int) -> RunAgent:
         self.op_id += 1
+        self.inflight = (op, index, self.op_id)
+        return RunAgent(self.group.name, index, op, self.timeout_s(op, index), self.op_id)
+
+    def timeout_s(self, op: str, index: int) -> float:
+        """The timeout of `op` on resource `index`: its own if configured, else the policy's."""
         spec = self.res[index].spec
         own = {"start": spec.start_timeout_ms, "stop": spec.stop_timeout_ms}.get(op, spec.monitor_timeout_ms)
         default = {"start": self.policy.start_timeout_s, "stop": self.policy.stop_timeout_s}.get(
             op, self.policy.monitor_timeout_s)
-        timeout = own / 1000 if own is not None else default
-        self.inflight = (op, index, self.op_id)
-        return RunAgent(self.group.name, index, op, timeout, self.op_id)
+        return own / 1000 if own is not None else default
+
+    def held(self) -> list[int]:
+        """The resources that may run here now, in start order: started ones, failed or stop-failed ones (they may
+        be partly up), and the one with a start or stop in flight. What the guard stops if the daemon dies."""
+        moving = self.inflight[1] if self.inflight is not None and self.inflight[0] in ("start", "stop") else None
+        return [i for i, r in enumerate(self.res) if r.state in HOLDING or i == moving]
 
     def _monitors(self, now: float) -> list[RunAgent]:
         if self.inflight is not None:

@@ -15,7 +15,7 @@ import asyncio
 import os
 import re
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hastore.config.model import Resource
@@ -31,7 +31,7 @@ POSITIONAL = {
     "Filesystem": ("device", "directory", "fstype", "options"),
     "drbd": ("resource",),
     "disklock": ("device", "lease_ms", "wait_ms"),
-    "mysql": ("datadir",),
+    "mysql": ("datadir", "additional_parameters"),
     "nfsserver": ("exports", "shared_dir"),
 }
 # what each of our agents cannot run without: a haresources word that leaves one of these unset is not meant for
@@ -104,16 +104,36 @@ def normalise(inv: Invocation, op: str, rc: int, output: str) -> int:
     return rc
 
 
+@dataclass(frozen=True)
+class Command:
+    """One agent operation, ready to run: what the runner executes, and what the guard keeps for `stop`."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(hash=False)
+
+
 class AgentRunner:
-    """Runs agents for the daemon; `done(group, index, op, op_id, rc, detail)` receives each result."""
+    """Runs agents for the daemon; `done(group, index, op, op_id, rc, detail)` receives each result.
+
+    `spawned(pids)`, if set, hears the process ids of the agents running now whenever they change (the guard
+    kills those left behind when it fences)."""
 
     def __init__(self, groups, resource_d: Path | None, done, log=None):
         self.done = done
         self.log = log
+        self.spawned = None
         self.invocations = {(g.name, i): resolve(r, resource_d) for g in groups for i, r in enumerate(g.resources)}
         self.names = {(g.name, i): (r.raw or "::".join((r.agent, *r.args))) for g in groups
                       for i, r in enumerate(g.resources)}
         self.tasks: set[asyncio.Task] = set()
+        self.pids: set[int] = set()
+
+    def command(self, group: str, index: int, op: str, timeout_s: float) -> Command | None:
+        """None when no agent of that name exists (its stop then trivially succeeds)."""
+        inv = self.invocations[(group, index)]
+        if inv.kind == "missing":
+            return None
+        return Command(tuple(argv_for(inv, op)), self._env(inv, group, index, timeout_s))
 
     def run(self, group: str, index: int, op: str, timeout_s: float, op_id: int) -> None:
         task = asyncio.get_running_loop().create_task(self._run(group, index, op, timeout_s, op_id))
@@ -122,40 +142,52 @@ class AgentRunner:
 
     async def _run(self, group: str, index: int, op: str, timeout_s: float, op_id: int) -> None:
         inv = self.invocations[(group, index)]
-        if inv.kind == "missing":
+        cmd = self.command(group, index, op, timeout_s)
+        if cmd is None:
             detail = f"no agent, resource.d script, init script or unit named {inv.path!r}"
             rc = 0 if op == "stop" else OCF_NOT_RUNNING if op == "monitor" else OCF_NOT_INSTALLED
             self.done(group, index, op, op_id, rc, detail)
             return
-        env = self._env(inv, group, index, timeout_s)
         try:
-            os.makedirs(env["HA_RSCTMP"], exist_ok=True)  # resource-agents keep their state files there
+            os.makedirs(cmd.env["HA_RSCTMP"], exist_ok=True)  # resource-agents keep their state files there
         except OSError:
             pass
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv_for(inv, op), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+                *cmd.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, env=cmd.env, start_new_session=True)
         except OSError as e:
             self.done(group, index, op, op_id, OCF_NOT_INSTALLED, f"cannot run {inv.path}: {e.strerror}")
             return
+        t0 = asyncio.get_running_loop().time()
+        self._track(proc.pid, True)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
             rc = proc.returncode
         except asyncio.TimeoutError:
-            _kill_group(proc.pid)
+            kill_group(proc.pid)
             out = b""
             await proc.wait()
             rc = TIMEOUT_RC
         except asyncio.CancelledError:
-            _kill_group(proc.pid)  # the daemon is exiting: leave no agent behind
+            kill_group(proc.pid)  # the daemon is exiting: leave no agent behind
             raise
+        finally:
+            self._track(proc.pid, False)
         text = out.decode(errors="replace").strip()
         rc = normalise(inv, op, rc, text) if rc != TIMEOUT_RC else rc
-        detail = text.splitlines()[-1][:300] if text else ""
+        detail = last_line(text)
         if rc == TIMEOUT_RC:
             detail = f"killed after {timeout_s:g} s"
+        if self.log is not None and op != "monitor":  # monitors are many; the engine logs their failures
+            self.log.info("agent", group=group, resource=self.names[(group, index)], op=op, rc=rc,
+                          elapsed_ms=round((asyncio.get_running_loop().time() - t0) * 1000), detail=detail)
         self.done(group, index, op, op_id, rc, detail)
+
+    def _track(self, pid: int, running: bool) -> None:
+        (self.pids.add if running else self.pids.discard)(pid)
+        if self.spawned is not None:
+            self.spawned(sorted(self.pids))
 
     def _env(self, inv: Invocation, group: str, index: int, timeout_s: float) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OCF_")}
@@ -163,13 +195,22 @@ class AgentRunner:
                     "OCF_RESOURCE_INSTANCE": _instance(group, self.names[(group, index)]),
                     "OCF_RESKEY_CRM_meta_timeout": str(int(timeout_s * 1000)), "HA_RSCTMP": "/run/resource-agents"})
         env.update({f"OCF_RESKEY_{k}": v for k, v in inv.params})
-        if inv.path.startswith(str(AGENTS_DIR)):
-            env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        return env
+        return with_repo_on_path(env) if inv.path.startswith(str(AGENTS_DIR)) else env
 
     def cancel_all(self) -> None:
         for t in list(self.tasks):
             t.cancel()
+
+
+def with_repo_on_path(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this checkout first on PYTHONPATH: our agents and the guard import hastore from it."""
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def last_line(output: str) -> str:
+    """An agent's output as one detail for the log: its last line, cut short."""
+    return output.splitlines()[-1][:300] if output else ""
 
 
 def _instance(group: str, name: str) -> str:
@@ -177,7 +218,7 @@ def _instance(group: str, name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{group}-{name}").strip("_")[:100]
 
 
-def _kill_group(pid: int) -> None:
+def kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:

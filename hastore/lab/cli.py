@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hastore.lab import keeper as K
 from hastore.lab import netns
+from hastore.io.proc import start_ticks
 
 DEFAULT_DIR = Path("/var/lib/hastore-lab")
 OWNER_FILE = "keeper.json"
@@ -99,7 +100,7 @@ def keeper_alive(d: Path) -> dict | None:
         rec = json.loads((d / OWNER_FILE).read_text())
     except (FileNotFoundError, ValueError):
         return None
-    return rec if netns._start_time(rec["pid"]) == rec["start"] else None
+    return rec if start_ticks(rec["pid"]) == rec["start"] else None
 
 
 def state(d: Path) -> dict:
@@ -134,7 +135,7 @@ def up(d: Path, owner_pid: int | None = None, **opts: str) -> dict:
     with open(d / "keeper.out", "ab") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                 start_new_session=True, cwd="/", env=env)
-    (d / OWNER_FILE).write_text(json.dumps({"pid": proc.pid, "start": netns._start_time(proc.pid),
+    (d / OWNER_FILE).write_text(json.dumps({"pid": proc.pid, "start": start_ticks(proc.pid),
                                             "prefix": prefix}))
     line = _read_line(proc, K.READY_TIMEOUT + 60)
     proc.stdout.close()
@@ -198,9 +199,9 @@ def down(d: Path) -> list[str]:
         except (OSError, ValueError, netns.LabError) as e:
             removed.append(f"keeper did not answer ({e}); killing it")
         deadline = time.monotonic() + 30
-        while netns._start_time(live["pid"]) == live["start"] and time.monotonic() < deadline:
+        while start_ticks(live["pid"]) == live["start"] and time.monotonic() < deadline:
             time.sleep(0.1)
-        if netns._start_time(live["pid"]) == live["start"]:
+        if start_ticks(live["pid"]) == live["start"]:
             os.kill(live["pid"], signal.SIGKILL)
         removed.append(f"keeper {live['pid']} stopped")
     prefix = (owner or {}).get("prefix") or prefix_for(d)

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hastore.io.proc import start_ticks
 from hastore.lab import netns
 from hastore.lab.netns import Lab, LabError
 from hastore.lab.pair import Pair, PairTiming
@@ -130,7 +131,7 @@ class Keeper:
         lab = self.lab
         return {
             "prefix": self.prefix, "dir": str(self.d), "keeper_pid": os.getpid(),
-            "keeper_start": netns._start_time(os.getpid()), "lan_ns": lab.lan_ns, "vip": VIP, "group": GROUP,
+            "keeper_start": start_ticks(os.getpid()), "lan_ns": lab.lan_ns, "vip": VIP, "group": GROUP,
             "gateway": lab.gateway, "db": DB, "loops": self.loops, "image": str(self.d / "shared.img"),
             "mount": str(self.d / "data"), "options": asdict(self.opts),
             "nodes": {n.name: {"anchor_pid": n.anchor_pid, "netns": n.netns, "lan_if": n.lan_if,
@@ -359,7 +360,7 @@ def serve(keeper: Keeper) -> None:
     signal.signal(signal.SIGINT, lambda *_: setattr(keeper, "stopping", True))
     try:
         while not keeper.stopping:
-            if keeper.owner and netns._start_time(keeper.owner[0]) != keeper.owner[1]:
+            if keeper.owner and start_ticks(keeper.owner[0]) != keeper.owner[1]:
                 log.warning("owner process %d is gone: taking the lab down", keeper.owner[0])
                 break
             try:
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(filename=str(d / "keeper.log"), level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     opts = Options(a.keepalive, a.warntime, a.deadtime, a.initdead, a.auto_failback)
-    owner = (a.owner_pid, netns._start_time(a.owner_pid)) if a.owner_pid else None
+    owner = (a.owner_pid, start_ticks(a.owner_pid)) if a.owner_pid else None
     keeper = Keeper(d, opts, a.prefix, owner)
     try:
         info = keeper.build()

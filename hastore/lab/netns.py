@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from hastore.io.proc import start_ticks
+
 log = logging.getLogger(__name__)
 
 LAN_NET, LAN_NET6 = "10.90.0.0/24", "fd90::/64"
@@ -491,7 +493,7 @@ class Lab:
     def _write_record(self, netns: list[str]) -> None:
         REGISTRY.mkdir(mode=0o755, exist_ok=True)
         rec = {"prefix": self.prefix, "owner_pid": os.getpid(),
-               "owner_start": _start_time(os.getpid()), "netns": netns,
+               "owner_start": start_ticks(os.getpid()), "netns": netns,
                "workdir": str(self.workdir) if self._workdir_made else None}
         tmp = REGISTRY / f".{self.prefix}.json.tmp"
         tmp.write_text(json.dumps(rec))
@@ -687,14 +689,6 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _kill_pids(pids: set[int], grace: float) -> None:
     """SIGTERM, wait up to grace seconds, then SIGKILL whatever is left."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
@@ -739,7 +733,7 @@ def _read_records() -> dict[str, dict]:
 
 def _owner_alive(rec: dict) -> bool:
     pid = rec.get("owner_pid")
-    return isinstance(pid, int) and _alive(pid) and _start_time(pid) == rec.get("owner_start")
+    return isinstance(pid, int) and _alive(pid) and start_ticks(pid) == rec.get("owner_start")
 
 
 # --------------------------------------------------------------------- exit hooks

@@ -1,0 +1,230 @@
+"""The guard: its decisions (Watch, fed messages and times), the real guard process driven through GuardClient over
+a socket pair, what the engine tells it is held, and its configuration keys."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hastore.config import load, to_toml
+from hastore.config.model import Group, Resource, Timing, default_guard_timeout_ms
+from hastore.core.resources import GroupOps, Policy
+from hastore.io.guard import GuardClient, Stop, Watch
+from hastore.io.proc import start_ticks
+
+from test_config_native import MINIMAL, errors_of, write
+
+A = {"name": "g/a", "argv": ["true"], "env": {}, "timeout_s": 5}
+B = {"name": "g/b", "argv": ["true"], "env": {}, "timeout_s": 7}
+
+
+# -- Watch: the decisions -------------------------------------------------------------------------------------------
+def test_pets_keep_it_watching_and_silence_past_the_timeout_fences_in_reverse_order():
+    w = Watch(42, 0.8, now=0.0)
+    w.receive({"m": "held", "resources": [A, B]}, 0.1)
+    for t in (0.5, 1.0, 1.5):
+        w.receive({"m": "pet"}, t)
+        assert w.decide(t, eof=False) is None
+    assert w.deadline() == pytest.approx(2.3)
+    assert w.decide(2.3, eof=False) is None  # not before the timeout has passed
+    v = w.decide(2.31, eof=False)
+    assert v.kind == "fence" and [s.name for s in v.stops] == ["g/b", "g/a"] and v.silent_ms == 810
+    assert v.reason == ("daemon pid 42 sent nothing for 810 ms (guard_timeout 800 ms): it is frozen or stuck: "
+                        "self-fencing: stopping g/b, g/a")
+    assert v.stops[0] == Stop("g/b", ("true",), {}, 7.0)
+
+
+def test_eof_without_bye_fences_at_once():
+    w = Watch(42, 0.8, now=0.0)
+    w.receive({"m": "held", "resources": [A]}, 0.0)
+    v = w.decide(0.01, eof=True)
+    assert v.kind == "fence" and v.reason == "daemon pid 42 died (EOF on guard pipe): self-fencing: stopping g/a"
+
+
+def test_bye_exits_quietly_even_with_eof_and_nothing_held_fences_nothing():
+    w = Watch(42, 0.8, now=0.0)
+    w.receive({"m": "held", "resources": []}, 0.0)
+    assert w.decide(5.0, eof=True).stops == ()
+    assert "nothing held here" in w.decide(5.0, eof=True).reason
+    w.receive({"m": "bye"}, 0.1)
+    assert w.decide(9.0, eof=True).kind == "bye"
+
+
+def test_silence_with_nothing_held_is_not_a_fence_and_starts_a_new_window():
+    w = Watch(42, 0.8, now=0.0)
+    w.receive({"m": "held", "resources": []}, 0.0)
+    assert w.decide(0.9, eof=False) is None  # a daemon slow to start that holds nothing is left alone
+    assert w.deadline() == pytest.approx(1.7)
+    w.receive({"m": "held", "resources": [A]}, 1.0)
+    assert w.decide(1.81, eof=False).stops[0].name == "g/a"  # once it holds something, silence fences again
+
+
+def test_held_is_replaced_whole_sync_is_answered_and_the_timeout_can_change():
+    w = Watch(42, 0.8, now=0.0)
+    w.receive({"m": "held", "resources": [A, B]}, 0.0)
+    w.receive({"m": "held", "resources": [A]}, 0.0)
+    w.receive({"m": "agents", "pids": [[100, 5]]}, 0.0)
+    assert w.receive({"m": "sync", "n": 3}, 0.2) == {"m": "ok", "n": 3}
+    w.receive({"m": "timeout", "ms": 2000}, 0.2)
+    assert w.decide(2.1, eof=False) is None
+    v = w.decide(2.3, eof=False)
+    assert [s.name for s in v.stops] == ["g/a"] and v.agents == ((100, 5),)
+    with pytest.raises(ValueError, match="unknown message 'hello'"):
+        w.receive({"m": "hello"}, 0.0)
+
+
+# -- what the engine says is held --------------------------------------------------------------------------------
+def test_held_follows_starts_and_stops_and_uses_the_stop_timeout():
+    ops = GroupOps(Group("g", "alpha", (Resource("a", stop_timeout_ms=3000), Resource("b"))), Policy())
+    (run,), _ = ops.start(0.0)
+    assert ops.held() == [0]  # starting
+    (run,), _ = ops.on_result("start", 0, run.op_id, 0, "", 0.1)
+    assert ops.held() == [0, 1]
+    ops.on_result("start", 1, run.op_id, 0, "", 0.2)
+    assert ops.held() == [0, 1]
+    (run,), _ = ops.stop(1.0)
+    assert run.index == 1 and ops.held() == [0, 1]  # stopping: still held
+    (run,), _ = ops.on_result("stop", 1, run.op_id, 0, "", 1.1)
+    assert ops.held() == [0]
+    ops.on_result("stop", 0, run.op_id, 0, "", 1.2)
+    assert ops.held() == []
+    assert (ops.timeout_s("stop", 0), ops.timeout_s("stop", 1)) == (3.0, 90.0)
+
+
+# -- the real guard process ------------------------------------------------------------------------------------
+def stop_entry(tmp_path: Path, name: str, script: str, timeout_s: float = 5.0) -> dict:
+    return {"name": name, "argv": ["sh", "-c", script], "env": {"PATH": os.environ["PATH"], "OUT": str(tmp_path)},
+            "timeout_s": timeout_s}
+
+
+def drive(tmp_path: Path, steps, timeout_ms: int = 500) -> tuple[GuardClient, str]:
+    """Start a guard, run `steps(client)` (a coroutine), wait for the guard to exit; returns it and its log."""
+    log = tmp_path / "guard.log"
+
+    async def main():
+        client = GuardClient(timeout_ms, str(log), lambda: None, asyncio.get_running_loop())
+        client.start()
+        try:
+            await steps(client)
+        finally:
+            client.close(bye=False)
+            client._reap(10.0)
+            if client.proc.poll() is None:
+                client.proc.kill()
+        return client
+    client = asyncio.run(main())
+    return client, log.read_text() if log.exists() else ""
+
+
+def test_a_dead_daemon_s_resources_are_stopped_in_reverse_order_past_failures(tmp_path):
+    async def steps(g):
+        g.hold([stop_entry(tmp_path, "g/a", 'echo a >> "$OUT/order"'),
+                stop_entry(tmp_path, "g/b", 'echo b >> "$OUT/order"; exit 1'),
+                stop_entry(tmp_path, "g/c", 'echo c >> "$OUT/order"; sleep 30', timeout_s=0.3)])
+        assert g.status()["held"] == 3
+    client, log = drive(tmp_path, steps)  # closing without bye is what the kernel does when the daemon dies
+    assert (tmp_path / "order").read_text() == "c\nb\na\n"
+    assert client.proc.returncode == 1
+    assert f"daemon pid {os.getpid()} died (EOF on guard pipe): self-fencing: stopping g/c, g/b, g/a" in log
+    assert "stop of g/c failed (exit -1: killed after 0.3 s); going on with the rest" in log
+    assert "stop of g/b failed (exit 1); going on" in log and "stopped g/a" in log
+    assert "2 of 3 stop(s) failed: g/c, g/b may still run here" in log
+
+
+def test_a_frozen_daemon_is_fenced_and_learns_it_on_waking(tmp_path):
+    async def steps(g):
+        g.hold([stop_entry(tmp_path, "g/a", 'touch "$OUT/stopped"')])
+        for _ in range(6):  # pets every 0.1 s: never fenced
+            await asyncio.sleep(0.1)
+            g.pet()
+        assert not (tmp_path / "stopped").exists() and g.confirm(1.0) is True
+        time.sleep(0.7)  # frozen: the loop does not run (a blocking sleep on purpose)
+        assert g.confirm(1.0) is False and g.fencing is not None
+        assert "sent nothing for" in g.fencing["reason"] and g.fencing["silent_ms"] >= 500
+    client, log = drive(tmp_path, steps)
+    assert (tmp_path / "stopped").exists() and client.proc.returncode == 0
+    assert "all 1 held resource(s) stopped" in log
+
+
+def test_bye_ends_the_guard_without_fencing(tmp_path):
+    async def steps(g):
+        g.hold([stop_entry(tmp_path, "g/a", 'touch "$OUT/stopped"')])
+        g.hold([])
+        g.close(bye=True)
+        assert g.proc.returncode == 0
+    _, log = drive(tmp_path, steps)
+    assert not (tmp_path / "stopped").exists() and log == ""
+
+
+def test_agents_left_in_flight_are_killed_before_the_stops(tmp_path):
+    agent = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        async def steps(g):
+            g.track_agents([agent.pid, 999999999])  # a pid that does not exist is not sent
+            assert g.agents == [[agent.pid, start_ticks(agent.pid)]]
+            g.hold([stop_entry(tmp_path, "g/a", "true")])
+        drive(tmp_path, steps)
+        assert agent.wait(5) == -signal.SIGKILL
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_the_guard_survives_a_signal_to_the_daemon_s_process_group(tmp_path):
+    async def steps(g):
+        assert os.getpgid(g.proc.pid) == g.proc.pid != os.getpgid(0)  # its own process group and session
+        os.kill(g.proc.pid, signal.SIGTERM)  # ignored: it ends when its work is done
+        await asyncio.sleep(0.2)
+        assert g.confirm(1.0) is True
+    drive(tmp_path, steps)
+
+
+# -- configuration -----------------------------------------------------------------------------------------------
+def test_default_guard_timeout_is_deadtime_minus_one_keepalive():
+    assert default_guard_timeout_ms(Timing(200, 500, 1000, 2000)) == 800
+    assert default_guard_timeout_ms(Timing()) == 29000
+    assert default_guard_timeout_ms(Timing(1000, 1000, 2500, 10000)) == 2250  # halfway: > 2 x keepalive
+
+
+def test_toml_guard_keys_and_their_defaults(tmp_path):
+    cfg = load(write(tmp_path, MINIMAL), node="alpha")
+    assert cfg.guard is True and cfg.guard_timeout_ms is None and cfg.guard_timeout == 29000
+    text = MINIMAL + '[daemon]\nguard = false\nguard_timeout = "10s"\n'
+    cfg = load(write(tmp_path, text), node="alpha")
+    assert (cfg.guard, cfg.guard_timeout) == (False, 10000)
+    again = load(write(tmp_path, to_toml(cfg), name="again.toml"), node="alpha")
+    assert (again.guard, again.guard_timeout_ms) == (False, 10000)
+    assert "\nguard" not in to_toml(load(write(tmp_path, MINIMAL), node="alpha"))  # defaults follow the timing
+
+
+@pytest.mark.parametrize("value, message", [
+    ("2s", ("hastore.toml: daemon.guard_timeout: guard_timeout 2s must be more than 2 x keepalive 1s (= 2s): the "
+            "guard must not stop the resources of a daemon that only missed two beats")),
+    ("30s", ("hastore.toml: daemon.guard_timeout: guard_timeout 30s must be less than deadtime 30s: the guard "
+             "must stop this node's resources before the peer declares it dead and starts them")),
+])
+def test_guard_timeout_must_lie_between_two_keepalives_and_deadtime(tmp_path, value, message):
+    assert errors_of(write(tmp_path, MINIMAL + f'[daemon]\nguard_timeout = "{value}"\n')) == [message]
+
+
+def test_guard_keys_of_the_wrong_type_are_named(tmp_path):
+    text = MINIMAL + '[daemon]\nguard = "yes"\nguard_timeout = "soon"\n'
+    errors = errors_of(write(tmp_path, text))
+    assert errors[0] == "hastore.toml: daemon.guard: must be true or false, not a string"
+    assert errors[1].startswith("hastore.toml: daemon.guard_timeout: 'soon' is not a duration")
+
+
+def test_legacy_configs_get_the_defaults(tmp_path):
+    d = tmp_path / "ha.d"
+    d.mkdir()
+    (d / "ha.cf").write_text("keepalive 200ms\ndeadtime 1\ninitdead 10\nbcast eth0\nnode alpha beta\n"
+                             "watchdog /dev/watchdog\nauto_failback off\n")
+    (d / "authkeys").write_text("auth 1\n1 sha1 s\n")
+    os.chmod(d / "authkeys", 0o600)
+    cfg = load(str(d), node="alpha")
+    assert (cfg.guard, cfg.guard_timeout, cfg.watchdog) == (True, 800, "/dev/watchdog")
+
