@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from dataclasses import replace
@@ -18,11 +20,11 @@ from hastore.config import ConfigError, load
 from hastore.config.model import Config
 from hastore.core import actions as A
 from hastore.core import events as E
-from hastore.core.engine import Engine
+from hastore.core.engine import Engine, GroupState
 from hastore.io import log as hlog
 from hastore.io.agents import AgentRunner
 from hastore.io.control import ControlError, ControlServer
-from hastore.io.guard import GuardClient, GuardError
+from hastore.io.guard import HANDOVER_ENV, RESTART_GRACE_MS, GuardClient, GuardError
 from hastore.io.pinger import Pinger
 from hastore.io.state import StateError, StateStore
 from hastore.io.transports import Transport, TransportError, make_transport
@@ -64,7 +66,9 @@ class Daemon:
         self.finished: asyncio.Future | None = None
         self.state = StateStore(config.state_dir)
         self.guard: GuardClient | None = None
-        self.held_key: list[tuple[str, int]] = []  # the resources the guard was last told we hold
+        self.held_key: list[tuple[str, int]] | None = []  # the resources the guard was last told we hold
+        #                                                     (None: an inherited guard's list, not known)
+        self.handover: str | None = None  # set when the daemon re-executes itself (`hastore restart`)
         self.fenced = False  # the guard fenced this node: nothing more is decided, we exit once it is done
         self.stall_ms = 0
 
@@ -108,7 +112,12 @@ class Daemon:
         if self.config.guard:  # last: nothing above may block the loop past guard_timeout once it watches
             self.guard = GuardClient(self.config.guard_timeout, self.config.logging.logfile, self._on_guard_change,
                                      asyncio.get_running_loop())
-            self.guard.start()
+            inherited = os.environ.pop(HANDOVER_ENV, None)
+            if inherited:  # we are a `hastore restart`: the guard of the previous image keeps watching
+                self.guard.adopt(inherited)
+                self.held_key = None
+            else:
+                self.guard.start()
             self.runner.spawned = self.guard.track_agents
 
     def _resolve_ping_targets(self) -> None:
@@ -128,11 +137,13 @@ class Daemon:
         if self.timer is not None:
             self.timer.cancel()
         self.runner.cancel_all()
-        if self.guard is not None:
+        if self.guard is not None and self.handover is not None:
+            self.handover = self.guard.hand_over()  # the socket outlives exec: the guard sees no EOF
+        elif self.guard is not None:
             if self.held_key and not self.fenced:
                 self.log.error("exiting", reason=f"exiting while {self._held_names()} may still run here: the guard "
                                                  f"stops them")
-            self.guard.close(bye=not self.held_key)  # bye only once nothing is held: else the guard fences
+            self.guard.close(bye=self.held_key == [])  # bye only once nothing is held: else the guard fences
         for t in self.transports.values():
             t.close()
         if self.pinger is not None:
@@ -224,6 +235,8 @@ class Daemon:
     # -- the guard ----------------------------------------------------------------------------
     def _tell_guard_held(self) -> None:
         """Send the guard what may run here (started, starting, stopping, failed), in start order, when it changed."""
+        if any(g.state is GroupState.PROBING for g in self.engine.groups.values()):
+            return  # after a restart the guard keeps the previous list until we know what runs here
         key = [(name, i) for name, ops in self.engine.ops.items() for i in ops.held()]
         if key == self.held_key:
             return
@@ -238,7 +251,7 @@ class Daemon:
         self.guard.hold(held)
 
     def _held_names(self) -> str:
-        return ", ".join(f"{name}/{self.runner.names[(name, i)]}" for name, i in self.held_key)
+        return ", ".join(f"{name}/{self.runner.names[(name, i)]}" for name, i in self.held_key or ())
 
     def _guard_ok(self, now: float) -> bool:
         """Before every decision: pets the guard (at most every eighth of guard_timeout), and is False once the
@@ -319,10 +332,34 @@ class Daemon:
                 return {"ok": False, "error": f"unknown scope {scope!r}; use all, local, foreign or failback"}
             loop.call_soon(self.feed, E.Admin(cmd, scope))
             return {"ok": True, "detail": f"{cmd} {scope}: asked; `hastore status` shows the groups moving"}
+        if cmd == "restart":
+            busy = [n for n, g in self.engine.groups.items()
+                    if g.state in (GroupState.PROBING, GroupState.STARTING, GroupState.STOPPING)]
+            if busy:
+                return {"ok": False, "error": f"not restarting while group(s) {', '.join(busy)} are "
+                                              f"{'/'.join(sorted({self.engine.groups[n].state.value for n in busy}))}"
+                                              f": try again when they have settled"}
+            if self.fenced:
+                return {"ok": False, "error": "this node was fenced: the daemon is exiting"}
+            self.feed(E.Restarting(RESTART_GRACE_MS + self.config.timing.deadtime_ms))
+            loop.call_later(0.05, self._restart)  # the beat that tells the peer leaves first (serial: flushed)
+            return {"ok": True, "detail": "restarting in place: the new daemon adopts the running resources"}
         if cmd == "shutdown":
             loop.call_soon(self.feed, E.Shutdown())
             return {"ok": True, "detail": "shutting down: releasing groups, then telling the peer"}
-        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, reload, standby, takeover, shutdown"}
+        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, reload, restart, standby, takeover, "
+                                     f"shutdown"}
+
+    def _restart(self) -> None:
+        """`hastore restart`: leave the loop and re-execute this program in place (same pid, same arguments).
+        Nothing is stopped and the peer is not told we leave: the new image probes and adopts the resources,
+        within deadtime if it starts fast enough (its first beat goes out as soon as it runs)."""
+        if self.finished.done():
+            return
+        self.handover = ""
+        self.log.warning("restarting", node=self.config.node, reason="hastore restart: re-executing the daemon "
+                                                                     "in place; resources keep running")
+        self.finished.set_result(0)
 
     def reload(self) -> dict:
         try:
@@ -358,8 +395,23 @@ def _resource_d(config: Config) -> Path | None:
 
 
 def run(config: Config, allow_insecure_auth: bool = False) -> int:
+    daemon = Daemon(config, allow_insecure_auth)
     try:
-        return asyncio.run(Daemon(config, allow_insecure_auth).run())
+        rc = asyncio.run(daemon.run())
     except (TransportError, ControlError, StateError, GuardError) as e:
         hlog.get().error("cannot start", reason=str(e))
         return 1
+    if daemon.handover is not None:
+        _reexec(daemon.handover)
+    return rc
+
+
+def _reexec(handover: str) -> None:
+    """Replace this process with a fresh `hastore run` of the same command line; never returns."""
+    env = dict(os.environ)
+    if handover:
+        env[HANDOVER_ENV] = handover
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    os.execve(sys.executable, argv, env)

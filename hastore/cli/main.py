@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--socket", default=DEFAULT_SOCKET)
 
     for name, help_ in (("stop", "release groups, tell the peer and stop the daemon"),
-                        ("reload", "reload the configuration (like SIGHUP)")):
+                        ("reload", "reload the configuration (like SIGHUP)"),
+                        ("restart", "restart the daemon in place (new code, new configuration) keeping the "
+                                    "resources running: the new daemon adopts them")):
         c = sub.add_parser(name, help=help_)
         c.add_argument("--socket", default=DEFAULT_SOCKET)
 
@@ -66,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "status":
         return cmd_status(args)
-    if args.command in ("stop", "reload"):
-        return cmd_simple(args.socket, "shutdown" if args.command == "stop" else "reload")
+    if args.command in ("stop", "reload", "restart"):
+        return cmd_simple(args.socket, "shutdown" if args.command == "stop" else args.command)
     if args.command in ("standby", "takeover"):
         return cmd_simple(args.socket, args.command, scope=args.scope)
     if args.command == "config":

@@ -33,6 +33,7 @@ class GroupState(enum.Enum):
     STOP_FAILED = "stop-failed"  # resources may still be held: keep claiming so the peer never starts it
 
 
+MAX_RESTART_GRACE_MS = 60_000  # a peer's restart grace beyond this is ignored (it stays dead after deadtime)
 CLAIMING = {GroupState.STARTING, GroupState.STARTED, GroupState.STOPPING, GroupState.STOP_FAILED}
 
 
@@ -54,6 +55,7 @@ class PeerInfo:
     failed: frozenset[str] = frozenset()  # groups that failed on the peer
     standby: frozenset[str] = frozenset()  # groups the peer was told to give away
     status: str = ""
+    restart_generation: int | None = None  # the generation that said it restarts (logged once)
     left_generation: int | None = None  # the generation that said goodbye: its late beats prove nothing
     seen_rids: set[int] = field(default_factory=set)
 
@@ -86,6 +88,7 @@ class Engine:
         self.ops = {g.name: GroupOps(g, policy or Policy()) for g in config.groups}
         self.standby: set[str] = set()  # groups an operator moved away from this node
         self.probed = False
+        self.restart_grace_ms = 0  # set by Restarting: beats ask the peer to wait this long for our next image
         self.outbox: dict[int, Pending] = {}
         self.next_beat = now
         self.leaving = False
@@ -121,6 +124,11 @@ class Engine:
             if not self.leaving:
                 self.leaving = True
                 why.append("shutdown requested: releasing groups, then telling the peer")
+        elif isinstance(event, E.Restarting):
+            self.restart_grace_ms = event.grace_ms
+            self.next_beat = now  # the peer hears it before we go
+            why.append(f"restarting in place: asking the peer to wait up to {event.grace_ms} ms for the new daemon "
+                       f"before it declares this node dead")
         elif isinstance(event, E.Reload):
             why.append(self._reload(event.config))
         if not self.probed:
@@ -187,6 +195,14 @@ class Engine:
     def _dispatch(self, msg: Message, info: PeerInfo, now: float, out: list, why: list) -> None:
         if msg.type is MsgType.BEAT:
             self._on_beat(msg, info)
+            rs = msg.body.get("rs")
+            if isinstance(rs, int) and not isinstance(rs, bool) and 0 < rs <= MAX_RESTART_GRACE_MS:
+                self.membership.grace(msg.src, now + rs / 1000)
+                if info.restart_generation != msg.generation:
+                    info.restart_generation = msg.generation
+                    why.append(f"{msg.src} is restarting in place: waiting up to {rs} ms for its new daemon")
+            else:
+                self.membership.grace(msg.src, None)  # an ordinary beat (the new daemon's): the grace is over
         elif msg.type is MsgType.ACK:
             pending = self.outbox.pop(msg.ack, None)
             if pending is not None and pending.type is MsgType.LEAVE and self.leaving:
@@ -297,13 +313,28 @@ class Engine:
                 if release:
                     self._set(g, GroupState.STOPPING, release, A.StopGroup(name), out, why)
             elif g.state in (GroupState.STOPPED, GroupState.FAILED) and not theirs:
-                if alive and (g.state is GroupState.FAILED or name in self.standby):
+                if alive and name in self.standby:
                     continue  # the peer may take it; this node does not
+                if g.state is GroupState.FAILED and (now - g.failed_at < self._retry_s() or alive and (
+                        self._peer_may_take(name, info)
+                        or (name in info.failed and g.spec.preferred_node != self.node))):
+                    continue  # the peer may take it; else this node tries again, not at once (if it failed on
+                    #           both nodes, the preferred node retries)
                 self._maybe_take(g, peer, alive, info, verdict, out, why)
 
     def _pings_settled(self, now: float) -> bool:
         """Our ping count means something once a ping had time to go out and its reply to be collected."""
         return now - self.membership.started >= 2 * self.config.timing.keepalive_ms / 1000
+
+    def _peer_may_take(self, name: str, info: PeerInfo) -> bool:
+        """Whether the alive peer is able to take group `name` (it is up, not in standby for it, it did not fail
+        there, and its ping view allows it). If not, a node where the group failed tries it again."""
+        return (info.status == "active" and name not in info.failed and name not in info.standby
+                and self._peer_can(info))
+
+    def _retry_s(self) -> float:
+        """How long a node waits after a failure before it tries a group again that nobody else can take."""
+        return max(5.0, 2 * self.config.timing.deadtime_ms / 1000)
 
     def _peer_can(self, info: PeerInfo) -> bool:
         """Whether the (alive) peer may hold groups by its ping view: it sees some, and not fewer than we do.
@@ -465,6 +496,8 @@ class Engine:
                 body["f"] = failed
             if self.standby:
                 body["sb"] = sorted(self.standby)
+            if self.restart_grace_ms:
+                body["rs"] = self.restart_grace_ms
             if self.pings.configured and self._pings_settled(now):
                 body["p"] = self.pings.count(now)  # before the first replies had time to come, say nothing
             self._broadcast(MsgType.BEAT, "", body, out)

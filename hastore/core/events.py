@@ -67,10 +67,18 @@ class Shutdown:
 
 
 @dataclass(frozen=True)
+class Restarting:
+    """`hastore restart`: the daemon is about to re-execute itself; the peer is asked to wait grace_ms."""
+
+    grace_ms: int
+
+
+@dataclass(frozen=True)
 class Reload:
     """SIGHUP: a new configuration, already validated by the shell."""
 
     config: Config
 
 
-Event = Tick | PacketReceived | LinkTrouble | PingReply | GroupDone | AgentDone | Admin | Shutdown | Reload
+Event = (Tick | PacketReceived | LinkTrouble | PingReply | GroupDone | AgentDone | Admin | Shutdown | Restarting
+         | Reload)

@@ -47,6 +47,7 @@ class PeerTrack:
     links: dict[str, LinkTrack] = field(default_factory=dict)
     state: Liveness = Liveness.INIT
     left_at: float | None = None  # set when the peer announced a clean shutdown
+    grace_until: float | None = None  # the peer restarts in place: its links do not die before this
 
     def best_link_state(self) -> Liveness:
         if not self.links:
@@ -92,11 +93,15 @@ class Membership:
                 lt.state = Liveness.DEAD
         return changes + self._settle_peer(track, now, f"{peer} announced a clean shutdown")
 
+    def grace(self, peer: str, until: float | None) -> None:
+        """The peer restarts in place: none of its links is declared dead before `until` (None: no grace)."""
+        self.peers[peer].grace_until = until
+
     def tick(self, now: float) -> list[Change]:
         changes: list[Change] = []
         for track in self.peers.values():
             for link, lt in track.links.items():
-                new, why = self._link_state(lt, now)
+                new, why = self._link_state(lt, now, track.grace_until)
                 if new is not lt.state:
                     changes.append(Change(track.name, link, lt.state, new, f"link {link} to {track.name}: {why}"))
                     lt.state = new
@@ -124,11 +129,11 @@ class Membership:
                 elif lt.state is Liveness.UP and lt.last_heard is not None:
                     deadlines.append(lt.last_heard + t.warntime_ms / 1000)
                 elif lt.state is Liveness.WARN and lt.last_heard is not None:
-                    deadlines.append(lt.last_heard + t.deadtime_ms / 1000)
+                    deadlines.append(max(lt.last_heard + t.deadtime_ms / 1000, track.grace_until or 0.0))
         return min(deadlines) if deadlines else None
 
     # -- internals ----------------------------------------------------------------------------
-    def _link_state(self, lt: LinkTrack, now: float) -> tuple[Liveness, str]:
+    def _link_state(self, lt: LinkTrack, now: float, grace_until: float | None = None) -> tuple[Liveness, str]:
         t = self.timing
         if lt.state is Liveness.DEAD:
             return Liveness.DEAD, "dead"  # only a new verified beat revives a dead link
@@ -138,7 +143,10 @@ class Membership:
             return Liveness.INIT, "waiting for the first beat"
         silent = now - lt.last_heard
         if silent + EPS >= t.deadtime_ms / 1000:
-            return Liveness.DEAD, f"no beat for {_ms(silent)} ms (deadtime {t.deadtime_ms} ms)"
+            if grace_until is not None and now + EPS < grace_until:
+                return Liveness.WARN, f"no beat for {_ms(silent)} ms: it is restarting (grace)"
+            grace = " and its restart grace" if grace_until is not None else ""
+            return Liveness.DEAD, f"no beat for {_ms(silent)} ms (deadtime {t.deadtime_ms} ms{grace})"
         if silent + EPS >= t.warntime_ms / 1000:
             return Liveness.WARN, f"no beat for {_ms(silent)} ms (warntime {t.warntime_ms} ms)"
         return Liveness.UP, "beating"

@@ -15,6 +15,7 @@ import asyncio
 import os
 import re
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,10 @@ def resolve(r: Resource, resource_d: Path | None, agents_dir: Path = AGENTS_DIR,
 
 
 def argv_for(inv: Invocation, op: str) -> list[str]:
+    if inv.kind == "ocf" and inv.path.startswith(str(AGENTS_DIR)):
+        # Ours are Python: run them with the daemon's interpreter, which has hastore's dependencies, and
+        # without `env python3` (a version manager's shim there costs ~100 ms per call, on the failover path).
+        return [sys.executable, inv.path, op]
     if inv.kind == "ocf":
         return [inv.path, op]
     if inv.kind == "heartbeat":

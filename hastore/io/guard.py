@@ -39,6 +39,9 @@ from hastore.io.agents import OCF_NOT_INSTALLED, kill_group, last_line, with_rep
 from hastore.io.proc import start_ticks
 
 STARTUP_S = 10.0  # how long the daemon waits for a new guard to answer
+RESTART_GRACE_MS = 5000  # guard_timeout while the daemon re-executes itself (`hastore restart`); the peer is
+#                          asked to wait this plus deadtime, so the guard has fenced before the peer would start
+HANDOVER_ENV = "HASTORE_GUARD"  # "FD:PID": the guard a re-executed daemon inherits
 
 
 class GuardError(RuntimeError):
@@ -250,7 +253,7 @@ class GuardClient:
         self.loop = loop
         self.sock: socket.socket | None = None
         self.proc: subprocess.Popen | None = None
-        self.held: list[dict] = []
+        self.held: list[dict] | None = []
         self.agents: list[list[int]] = []
         self.started_at = self.last_sent = 0.0
         self.fencing: dict | None = None  # what the guard said when it fenced
@@ -287,6 +290,34 @@ class GuardClient:
             self._send({"m": "agents", "pids": self.agents})
         if self.confirm(STARTUP_S) is not True:
             raise GuardError(f"the guard (pid {self.proc.pid}) did not start: {self.describe_exit()}")
+
+    def adopt(self, handover: str) -> None:
+        """After a re-exec (`hastore restart`): take over the guard the previous image ran, whose socket we
+        inherited, and give it back the configured guard_timeout."""
+        try:
+            fd, pid = (int(x) for x in handover.split(":"))
+            sock = socket.socket(fileno=fd)
+        except (ValueError, OSError) as e:
+            raise GuardError(f"cannot take over the guard of the previous daemon ({handover!r}): {e}") from None
+        sock.set_inheritable(False)
+        sock.setblocking(False)
+        self.proc = _Adopted(pid)
+        self.held = None  # unknown: it keeps what the previous image told it until we say what runs here
+        self.sock, self.buf, self.fencing, self.gone = sock, b"", None, False
+        self.started_at = time.monotonic()
+        self.loop.add_reader(sock, self._on_readable)
+        self._send({"m": "timeout", "ms": self.timeout_ms})
+        if self.confirm(STARTUP_S) is not True:
+            raise GuardError(f"the guard of the previous daemon (pid {pid}) does not guard any more: "
+                             f"{self.describe_exit()}")
+
+    def hand_over(self) -> str:
+        """Before a re-exec: let the socket survive exec and give the new image time to start (RESTART_GRACE_MS);
+        returns the value of HANDOVER_ENV for it."""
+        self._send({"m": "timeout", "ms": RESTART_GRACE_MS})
+        self.loop.remove_reader(self.sock)
+        self.sock.set_inheritable(True)
+        return f"{self.sock.fileno()}:{self.proc.pid}"
 
     def pet(self) -> None:
         self._send({"m": "pet"})
@@ -338,7 +369,7 @@ class GuardClient:
             self._reap(2.0)
 
     def status(self) -> dict:
-        return {"pid": self.proc.pid if self.proc else None, "timeout_ms": self.timeout_ms, "held": len(self.held),
+        return {"pid": self.proc.pid if self.proc else None, "timeout_ms": self.timeout_ms, "held": len(self.held or ()),
                 "fenced": self.fencing is not None}
 
     def describe_exit(self) -> str:
@@ -385,6 +416,32 @@ class GuardClient:
             self.proc.wait(wait_s)
         except subprocess.TimeoutExpired:
             pass
+
+
+class _Adopted:
+    """The guard as a child this process image did not spawn (it inherited it across exec): poll and wait."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # not our child after all: it can only be watched through the socket
+                return None
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"guard pid {self.pid}", timeout)
+            time.sleep(0.02)
+        return self.returncode
 
 
 if __name__ == "__main__":

@@ -70,12 +70,19 @@ class LabHandle:
                              "--connect-timeout=2", "-N", "-B", db["database"], "-e", statement])
 
     def vip_mac(self) -> str | None:
-        """The MAC the LAN reaches the VIP at, after one fresh ping."""
-        self.lan_run(["ip", "neigh", "flush", "to", self.vip])
-        self.lan_run(["ping", "-n", "-c", "1", "-W", "1", self.vip])
-        out = self.lan_run(["ip", "-j", "neigh", "show", "to", self.vip]).stdout
-        entries = json.loads(out or "[]")
-        return entries[0].get("lladdr", "").lower() if entries else None
+        """The MAC the LAN reaches the VIP at, learnt afresh (flush, then a ping that is answered)."""
+        for _ in range(3):
+            self.lan_run(["ip", "neigh", "flush", "to", self.vip])
+            if self.lan_run(["ping", "-n", "-c", "1", "-W", "1", self.vip]).returncode != 0:
+                continue
+            entries = json.loads(self.lan_run(["ip", "-j", "neigh", "show", "to", self.vip]).stdout or "[]")
+            if entries and entries[0].get("lladdr"):
+                return entries[0]["lladdr"].lower()
+        return None
+
+    def addresses(self) -> dict[str, str]:
+        """Each node's LAN addresses, for messages."""
+        return {n: self.node_run(n, ["ip", "-br", "addr"]).stdout for n in self.nodes}
 
     def logs(self, node: str) -> list[dict]:
         out = []

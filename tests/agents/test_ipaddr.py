@@ -122,7 +122,8 @@ def test_ipaddr_announcement_moves_lan_neighbour(lab, version):
     res = ipaddr(bravo, "start", ip=vip)
     assert res.returncode == 0, res.stderr
     kind = "gratuitous ARP" if version == 4 else "neighbour advertisements"
-    assert "sent 5 rounds of" in res.stderr and kind in res.stderr
+    assert "sent the first round of" in res.stderr and "4 more follow every 200 ms" in res.stderr
+    assert kind in res.stderr
     # No traffic from the LAN side since the move: only the announcements can have updated it.
     after = lan_neighbour(lab, vip)
     assert after and after["lladdr"] == mac(bravo), (after, mac(alpha), mac(bravo))
@@ -193,3 +194,51 @@ def test_ipaddr_passes_ocf_tester(lab, version):
     finally:
         ipaddr(alpha, "stop", ip=vip)
     assert holding(alpha, alpha.lan_if, vip) == []
+
+
+ARP_LISTENER = """
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.settimeout(0.1)
+vip, end, n = socket.inet_aton(sys.argv[1]), time.monotonic() + float(sys.argv[2]), 0
+print("ready", flush=True)
+while time.monotonic() < end:
+    try:
+        f = s.recv(100)
+    except TimeoutError:
+        continue
+    n += f[28:32] == vip and f[38:42] == vip  # gratuitous: sender and target are the VIP
+print(n, flush=True)
+"""
+
+
+def count_announcements(lab, vip: str, seconds: float, action) -> int:
+    """Gratuitous ARP frames for vip seen on the LAN while `action()` runs and for `seconds` in all."""
+    proc = lab.lan_popen(["python3", "-c", ARP_LISTENER, vip, str(seconds)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        action()
+        return int(proc.communicate(timeout=seconds + 10)[0].strip())
+    finally:
+        proc.kill()
+
+
+def test_ipaddr_burst_goes_on_in_the_background_and_ends_with_a_stop(lab):
+    bravo = lab.nodes["bravo"]
+    vip, _ = VIPS[4]
+    started = []
+    n = count_announcements(lab, vip, 2.0, lambda: started.append(ipaddr(bravo, "start", ip=vip, arp_interval_ms="100")))
+    assert started[0].returncode == 0, started[0].stderr
+    assert n == 10, f"5 rounds of request + reply expected, saw {n} frames"  # 1 in start, 4 in the background
+    assert ipaddr(bravo, "stop", ip=vip).returncode == 0
+
+    def start_then_stop():
+        assert ipaddr(bravo, "start", ip=vip, arp_interval_ms="500").returncode == 0
+        assert ipaddr(bravo, "stop", ip=vip).returncode == 0
+    n = count_announcements(lab, vip, 2.5, start_then_stop)
+    assert 2 <= n <= 4, f"after the stop the burst ends (the first round, at most one more): saw {n} frames"
+
+    res = ipaddr(bravo, "start", ip=vip, arp_interval_ms="10", arp_bg="false")
+    assert res.returncode == 0 and "sent 5 rounds of gratuitous ARP" in res.stderr, res.stderr
+    assert ipaddr(bravo, "stop", ip=vip).returncode == 0
+    assert ipaddr(bravo, "validate-all", ip=vip, arp_bg="maybe").returncode == 6

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hastore.lab.pair import Pair, PairTiming, peer_alive
+from hastore.lab.pair import Pair, PairTiming, _env, hastore_argv, peer_alive
 
 pytestmark = pytest.mark.root
 
@@ -169,3 +169,34 @@ def test_a_guard_killed_on_its_own_is_replaced_and_told_what_is_held(pair):
     pair.signal(pair.a, signal.SIGKILL)  # the new guard knows what to stop
     wait_until(lambda: not flag(pair, pair.a).exists(), timeout=GUARD_TIMEOUT + 0.2)
     wait_until(lambda: exited(status["guard"]["pid"]), timeout=2)
+
+
+def test_restart_in_place_adopts_the_running_resources_and_keeps_the_guard(pair):
+    """`hastore restart`: the daemon re-executes itself (same pid); the new image inherits the guard, probes and
+    adopts the running resource instead of restarting it, and the peer never declares it dead."""
+    before = pair.status(pair.a)
+    ino = flag(pair, pair.a).stat().st_ino  # a stop and a start would make a new flag file
+    mark = len(pair.events(pair.a))
+    with OverlapSampler(pair) as sampler:
+        t0 = time.monotonic()
+        r = pair.lab.nodes[pair.a].run([*hastore_argv(), "restart"], env=_env(), timeout=10)
+        assert r.returncode == 0, r.stderr
+        after = wait_for(pair, pair.a, lambda s: s["generation"] != before["generation"] and owner(s) == pair.a
+                         and s["guard"]["held"] == 1, timeout=10, interval=0.02)
+        adopted = time.monotonic() - t0
+        time.sleep(2 * DEADTIME)
+    assert pair.procs[pair.a].poll() is None, "the daemon's process (the same pid, re-executed) is running"
+    assert after["guard"]["pid"] == before["guard"]["pid"] and after["guard"]["timeout_ms"] == GUARD_TIMEOUT * 1000
+    assert flag(pair, pair.a).stat().st_ino == ino and sampler.both == []
+    new = pair.events(pair.a)[mark:]
+    assert any("already running here: adopting it" in e.get("reason", "") for e in new), new[-20:]
+    assert not [e for e in new if e.get("event") == "agent" and e.get("op") in ("start", "stop")]
+    assert not [e for e in new if "self-fenc" in e.get("reason", "")]
+    peer_view = [e.get("reason", "") for e in pair.events(pair.b)]
+    assert any(f"{pair.a} restarted (generation" in r for r in peer_view)
+    assert any(f"{pair.a} is restarting in place: waiting up to 6000 ms" in r for r in peer_view)
+    assert not any(f"{pair.a} is dead" in r for r in peer_view), "the peer declared the restarting node dead"
+    assert owner(pair.status(pair.b)) == pair.a
+    print(f"\nrestart in place: resources adopted {adopted * 1000:.0f} ms after `hastore restart`")
+    pair.signal(pair.a, signal.SIGKILL)  # the inherited guard still fences
+    wait_until(lambda: not flag(pair, pair.a).exists(), timeout=GUARD_TIMEOUT + 0.3)

@@ -148,6 +148,30 @@ def test_peer_restart_is_seen_as_a_new_generation():
     assert c.status("alpha")["peers"]["bravo"]["generation"] == 2
 
 
+def test_a_restart_in_place_asks_the_peer_to_wait_and_a_restart_that_never_comes_back_is_dead_after_grace():
+    c = settled()
+    assert c.holders("web") == {"alpha"}
+    c.deliver(E.Restarting(3000), "alpha")
+    c.advance(0.01)
+    c.nodes["alpha"].running_daemon = False  # re-executing: silent for 2.5 s, longer than deadtime
+    c.advance(2.5)
+    assert c.first("bravo", "peer-dead") is None and c.holders("web") == {"alpha"}
+    assert "alpha is restarting in place: waiting up to 3000 ms for its new daemon" in c.reasons("bravo")
+    c.restart("alpha", make_config("alpha"), generation=2, floors=None)
+    c.advance(2.0)
+    assert c.first("bravo", "peer-dead") is None and c.status("bravo")["peers"]["alpha"]["alive"] is True
+    assert c.holders("web") == {"alpha"} and c.overlaps == []
+    # The next restart never comes back: dead once the grace has run out, not at deadtime.
+    t0 = c.now
+    c.deliver(E.Restarting(3000), "alpha")
+    c.advance(0.01)
+    c.nodes["alpha"].running_daemon = False
+    c.advance(5.0)
+    dead = c.first("bravo", "peer-dead")
+    assert dead is not None and 2.9 <= dead - t0 <= 3.3, dead - t0
+    assert "bravo" in c.holders("web")
+
+
 def test_replays_from_before_a_restart_prove_nothing():
     c = settled()
     old = [(link, data) for t, to, link, data in c.wire_log if to == "bravo"]

@@ -196,3 +196,43 @@ def test_per_resource_timeouts_intervals_and_group_restart_limit_from_the_model(
     c.advance(2.0)
     assert c.holders("db") == {"bravo"}  # max_restarts 0: the first failure fails the group over
     assert "0 restarts within 60 s already" in c.reasons("alpha")
+
+
+def test_a_node_where_the_group_failed_retries_it_when_the_peer_cannot_hold_it():
+    """Split brain averted by the disk lock leaves the group failed on bravo; after the heal alpha loses its ping
+    node and yields: bravo must not sit on its old failure while nobody runs the group."""
+    c = cluster(ping=("10.0.0.254",))
+    for n in ("alpha", "bravo"):
+        c.nodes[n].sees_pings = {"10.0.0.254"}
+    c.advance(3.0)
+    assert c.holders("db") == {"alpha"}
+    c.nodes["bravo"].faults[("db", 0, "start")] = 1  # the lock is held by alpha
+    for link in LINKS:
+        c.cut_link(link)
+    c.advance(3.0)
+    assert c.status("bravo")["groups"]["db"]["state"] == "failed" and c.holders("db") == {"alpha"}
+    assert len(ops(c, "bravo", "start")) == 1  # with the peer dead it retries, but not before the retry delay
+    del c.nodes["bravo"].faults[("db", 0, "start")]
+    c.heal()
+    c.advance(3.0)
+    assert c.holders("db") == {"alpha"}  # alpha can hold it: bravo's failure keeps bravo out
+    c.nodes["alpha"].sees_pings = set()
+    c.advance(3.0)
+    assert c.holders("db") == {"bravo"}  # alpha yielded, and bravo took it (its failure is past the retry delay)
+    assert "starting group db: nobody holds it and alpha sees fewer ping nodes" in c.reasons("bravo")
+    assert c.overlaps == []
+
+
+def test_a_group_failed_on_both_nodes_is_retried_by_its_preferred_node_only():
+    c = cluster()
+    for n in ("alpha", "bravo"):
+        c.nodes[n].faults[("db", 3, "start")] = 1
+    c.advance(4.0)
+    assert c.status("alpha")["groups"]["db"]["state"] == "failed"
+    assert c.status("bravo")["groups"]["db"]["state"] == "failed"
+    for n in ("alpha", "bravo"):
+        del c.nodes[n].faults[("db", 3, "start")]
+    c.advance(6.0)
+    assert c.holders("db") == {"alpha"}
+    assert ops(c, "bravo", "start").count((0, "start")) == 1  # bravo tried once, and did not retry
+    assert c.overlaps == []
