@@ -88,6 +88,7 @@ class Engine:
         self.ops = {g.name: GroupOps(g, policy or Policy()) for g in config.groups}
         self.standby: set[str] = set()  # groups an operator moved away from this node
         self.probed = False
+        self.isolated_since: float | None = None  # since when no ping node and no peer are seen
         self.restart_grace_ms = 0  # set by Restarting: beats ask the peer to wait this long for our next image
         self.outbox: dict[int, Pending] = {}
         self.next_beat = now
@@ -299,6 +300,7 @@ class Engine:
         alive = peer is not None and self.membership.alive(peer)
         info = self.peer_info[peer] if alive else PeerInfo()
         verdict = self.pings.judge(now, info.ping_count if alive else None)
+        cut_off = self._cut_off(now, alive, verdict)
         if not alive and self.standby:
             why.append(f"standby of {', '.join(sorted(self.standby))} ends: the peer is not alive")
             self.standby.clear()
@@ -312,6 +314,8 @@ class Engine:
                 release = self._release_reason(g, peer, info, verdict)
                 if release:
                     self._set(g, GroupState.STOPPING, release, A.StopGroup(name), out, why)
+            elif g.state is GroupState.STARTED and cut_off:
+                self._set(g, GroupState.STOPPING, f"releasing group {name}: {cut_off}", A.StopGroup(name), out, why)
             elif g.state in (GroupState.STOPPED, GroupState.FAILED) and not theirs:
                 if alive and name in self.standby:
                     continue  # the peer may take it; this node does not
@@ -325,6 +329,21 @@ class Engine:
     def _pings_settled(self, now: float) -> bool:
         """Our ping count means something once a ping had time to go out and its reply to be collected."""
         return now - self.membership.started >= 2 * self.config.timing.keepalive_ms / 1000
+
+    def _cut_off(self, now: float, alive: bool, verdict) -> str:
+        """Non-empty (the reason) once this node has seen no ping node and no peer for deadtime: cut off from the
+        LAN it serves nobody, and holding the groups (their disk lock) would keep the peer from taking them
+        (what Pacemaker's ping rule does too; if the ping nodes are down for both nodes, nobody runs them)."""
+        if alive or not self.pings.configured or verdict.may_take_over:
+            self.isolated_since = None
+            return ""
+        if self.isolated_since is None:
+            self.isolated_since = now
+        deadtime = self.config.timing.deadtime_ms / 1000
+        if now - self.isolated_since < deadtime:
+            return ""
+        return (f"cut off: no ping node and no peer for {self.config.timing.deadtime_ms} ms ({verdict.reason}); "
+                f"the peer may take it")
 
     def _peer_may_take(self, name: str, info: PeerInfo) -> bool:
         """Whether the alive peer is able to take group `name` (it is up, not in standby for it, it did not fail

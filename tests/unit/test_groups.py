@@ -236,3 +236,27 @@ def test_a_group_failed_on_both_nodes_is_retried_by_its_preferred_node_only():
     assert c.holders("db") == {"alpha"}
     assert ops(c, "bravo", "start").count((0, "start")) == 1  # bravo tried once, and did not retry
     assert c.overlaps == []
+
+
+def test_a_holder_cut_off_from_peer_and_ping_nodes_releases_so_the_peer_can_take_over():
+    c = cluster(ping=("10.0.0.254",))
+    for n in ("alpha", "bravo"):
+        c.nodes[n].sees_pings = {"10.0.0.254"}
+    c.advance(3.0)
+    assert c.holders("db") == {"alpha"}
+    t0 = c.now
+    for link in LINKS:
+        c.cut_link(link)
+    c.nodes["alpha"].sees_pings = set()  # alpha's LAN cable is out too
+    c.advance(4.0)
+    assert c.holders("db") == {"bravo"}
+    released = [t for t, d in c.nodes["alpha"].log if "releasing group db: cut off: no ping node and no peer" in d.reason]
+    assert released and released[0] - t0 >= 1.0  # not before deadtime of isolation
+    # Alone with its ping nodes, a holder keeps the group (its peer is merely dead).
+    c2 = cluster(ping=("10.0.0.254",))
+    for n in ("alpha", "bravo"):
+        c2.nodes[n].sees_pings = {"10.0.0.254"}
+    c2.advance(3.0)
+    c2.nodes["bravo"].running_daemon = False
+    c2.advance(4.0)
+    assert c2.holders("db") == {"alpha"} and "cut off" not in c2.reasons("alpha")
