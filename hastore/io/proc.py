@@ -4,9 +4,14 @@ from __future__ import annotations
 
 
 def start_ticks(pid: int) -> int | None:
-    """A process's start time (clock ticks after boot), None when it does not exist."""
+    """A live process's start time (clock ticks after boot); None when it does not exist or has exited (a zombie
+    its parent has not reaped yet is not alive: it holds nothing and will never run again)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    try:
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (IndexError, ValueError):
         return None
