@@ -175,10 +175,17 @@ def link_by_index(ipr, index: int) -> Link:
 
 
 def _link(msg) -> Link:
-    mac = msg.get("address") or ""
+    mac = _nla(msg, "address", "IFLA_ADDRESS") or ""
     raw = bytes.fromhex(mac.replace(":", "")) if mac else b""
-    return Link(msg["index"], msg.get("ifname"), raw if len(raw) == 6 and any(raw) else b"",
+    return Link(msg["index"], _nla(msg, "ifname", "IFLA_IFNAME"), raw if len(raw) == 6 and any(raw) else b"",
                 bool(msg["flags"] & IFF_NOARP))
+
+
+def _nla(msg, short: str, name: str):
+    """An attribute by pyroute2's short name (0.9) or by its netlink name (0.7, Debian 12's python3-pyroute2,
+    whose get() does not know the short names of address attributes)."""
+    value = msg.get(short)
+    return msg.get_attr(name) if value is None else value
 
 
 def assigned(ipr, version: int, index: int | None = None) -> list[Assigned]:
@@ -188,8 +195,8 @@ def assigned(ipr, version: int, index: int | None = None) -> list[Assigned]:
     out = []
     for msg in ipr.get_addr(**kw):
         flags = msg.get("IFA_FLAGS")
-        out.append(Assigned(msg["index"], ipaddress.ip_address(msg.get("address")), msg["prefixlen"],
-                            msg["flags"] if flags is None else flags, msg.get("label")))
+        out.append(Assigned(msg["index"], ipaddress.ip_address(_nla(msg, "address", "IFA_ADDRESS")), msg["prefixlen"],
+                            msg["flags"] if flags is None else flags, _nla(msg, "label", "IFA_LABEL")))
     return out
 
 

@@ -53,12 +53,17 @@ def add_parser(sub) -> None:
     with_dir(lsub.add_parser("down", help="stop everything and remove what the lab created"))
     demo = with_dir(lsub.add_parser("demo", help="up, then a scripted failover with a timeline (text and PNG)"))
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    from hastore.lab.vm import cli as vm_cli
+    vm_cli.add_parser(lsub)
 
 
 def main(args) -> int:
     if os.geteuid() != 0:
         print("hastore lab: needs root (network namespaces, loop devices, mounts)", file=sys.stderr)
         return 1
+    if args.lab_command == "vm":
+        from hastore.lab.vm import cli as vm_cli
+        return vm_cli.main(args)
     d = Path(args.dir).resolve()
     try:
         if args.lab_command == "up":

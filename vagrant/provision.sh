@@ -1,0 +1,202 @@
+#!/bin/bash
+# Provisions one hastore lab node (Debian 12, as root). Shared by the Vagrant lab (vagrant/Vagrantfile) and the qemu
+# lab (`hastore lab vm`, which runs it from the 9p share at /hastore/vagrant/provision.sh): the same steps configure
+# both, so the two labs cannot drift apart. Every step is idempotent.
+#
+#   provision.sh package-list   print the guest packages (space separated; the qemu image is built with them)
+#   provision.sh packages       apt-get install them
+#   provision.sh configure      write /etc/drbd.d/r0.res and /etc/ha.d/{ha.cf,authkeys,haresources}
+#   provision.sh drbd           create-md, up; on HASTORE_PRIMARY the first time: force primary, mkfs.ext4,
+#                               MariaDB datadir (user lab/lab, database lab), then Secondary again
+#   provision.sh start          start `hastore run -c /etc/ha.d` in the background (log /var/log/hastore.log)
+#
+# Environment: HASTORE_NODE, HASTORE_PEER (node names = uname -n), HASTORE_NODE_ADDR, HASTORE_PEER_ADDR (replication
+# and heartbeat IPv4 of this node and the peer), HASTORE_DISK (DRBD backing device), HASTORE_SERIAL (optional serial
+# device for the heartbeat), HASTORE_LAN_IF (optional: the VIP's interface), HASTORE_VIP (a.b.c.d/nn), HASTORE_PING
+# (ping node), HASTORE_PRIMARY (preferred node), HASTORE_SRC (the checkout, default /hastore),
+# HASTORE_SYNC_TIMEOUT (seconds the primary waits for the initial sync when the peer is connected, default 300).
+set -euo pipefail
+
+PACKAGES="drbd-utils kmod iproute2 e2fsprogs procps iputils-ping iputils-arping python3 python3-serial busybox psmisc
+util-linux mariadb-server mariadb-client python3-pyroute2 python3-structlog python3-tenacity python3-pyudev
+python3-pymysql"
+RES=r0
+DEVICE=/dev/drbd0
+MOUNT=/data
+DATADIR=$MOUNT/mysql
+DRBD_PORT=7789
+SRC=${HASTORE_SRC:-/hastore}
+
+need() {
+  local v
+  for v in "$@"; do
+    [ -n "${!v:-}" ] || { echo "provision.sh: $v is not set" >&2; exit 2; }
+  done
+}
+
+say() { echo "provision.sh [$(hostname)] $*"; }
+
+packages() {
+  export DEBIAN_FRONTEND=noninteractive
+  # no service starts while installing (MariaDB runs on the DRBD device under hastore, never from /var/lib/mysql)
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' RETURN
+  apt-get update -qq
+  # shellcheck disable=SC2086
+  apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now mariadb >/dev/null 2>&1 || true
+  fi
+}
+
+# The interface that holds an IPv4 address.
+iface_of() { ip -o -4 addr show | awk -v a="$1" '{split($4, p, "/")} p[1] == a {print $2; exit}'; }
+
+configure() {
+  need HASTORE_NODE HASTORE_PEER HASTORE_NODE_ADDR HASTORE_PEER_ADDR HASTORE_DISK HASTORE_VIP HASTORE_PING \
+       HASTORE_PRIMARY
+  local repl_if vip
+  repl_if=$(iface_of "$HASTORE_NODE_ADDR")
+  [ -n "$repl_if" ] || { echo "provision.sh: no interface holds $HASTORE_NODE_ADDR" >&2; exit 1; }
+  mkdir -p /etc/drbd.d /etc/ha.d
+  cat > /etc/drbd.d/$RES.res <<EOF
+# written by hastore's vagrant/provision.sh
+resource $RES {
+  protocol C;
+  device $DEVICE;
+  disk $HASTORE_DISK;
+  meta-disk internal;
+  disk { c-plan-ahead 0; resync-rate 100M; }  # a fixed, fast resync: a lab disk syncs in seconds
+  on $HASTORE_NODE { address $HASTORE_NODE_ADDR:$DRBD_PORT; }
+  on $HASTORE_PEER { address $HASTORE_PEER_ADDR:$DRBD_PORT; }
+}
+EOF
+  {
+    echo "# written by hastore's vagrant/provision.sh"
+    echo "keepalive 200ms"
+    echo "warntime 500ms"
+    echo "deadtime 1s"
+    echo "initdead 10s"
+    echo "udpport 694"
+    echo "ucast $repl_if $HASTORE_PEER_ADDR"
+    if [ -n "${HASTORE_SERIAL:-}" ]; then
+      echo "serial $HASTORE_SERIAL"
+      echo "baud 115200"
+    fi
+    echo "ping $HASTORE_PING"
+    echo "auto_failback off"
+    echo "node $HASTORE_PRIMARY"
+    [ "$HASTORE_PRIMARY" = "$HASTORE_NODE" ] && echo "node $HASTORE_PEER" || echo "node $HASTORE_NODE"
+  } > /etc/ha.d/ha.cf
+  if [ ! -s /etc/ha.d/authkeys ]; then
+    # both nodes must share the key: derive it from what both know (a lab, not a production secret)
+    local key
+    key=$(printf '%s' "hastore-lab:$HASTORE_VIP:$(printf '%s\n' "$HASTORE_NODE" "$HASTORE_PEER" | sort | tr '\n' :)" \
+          | sha256sum | cut -c1-40)
+    (umask 077; printf 'auth 1\n1 sha1 %s\n' "$key" > /etc/ha.d/authkeys)
+  fi
+  chmod 600 /etc/ha.d/authkeys
+  vip=$HASTORE_VIP
+  [ -n "${HASTORE_LAN_IF:-}" ] && vip="$vip/$HASTORE_LAN_IF"
+  # small VMs: a 32 MiB buffer pool keeps MariaDB's memory modest
+  echo "$HASTORE_PRIMARY drbd::$RES Filesystem::$DEVICE::$MOUNT::ext4 IPaddr::$vip" \
+       "mysql::$DATADIR::--innodb-buffer-pool-size=32M" > /etc/ha.d/haresources
+  say "configured: r0 on $HASTORE_DISK, heartbeat on $repl_if${HASTORE_SERIAL:+ and $HASTORE_SERIAL}, VIP $vip"
+}
+
+dstate() { drbdadm dstate $RES 2>/dev/null || true; }
+cstate() { drbdadm cstate $RES 2>/dev/null || true; }
+
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds
+  local t=$1 what=$2 i=0
+  shift 2
+  until "$@"; do
+    i=$((i + 1))
+    [ $i -le $((t * 5)) ] || { echo "provision.sh: timed out waiting for $what" >&2; return 1; }
+    sleep 0.2
+  done
+}
+
+synced() { [ "$(dstate)" = "UpToDate/UpToDate" ]; }
+connected_or_syncing() { case "$(cstate)" in Connected | Sync* | PausedSync*) return 0 ;; *) return 1 ;; esac; }
+
+drbd() {
+  need HASTORE_NODE HASTORE_PRIMARY
+  modprobe drbd
+  # Metadata is created only where there is none: after a power loss it is "unclean" and dump-md fails too, and
+  # re-creating it would throw away what this node knows about its data (and force a full resync).
+  local md
+  if ! grep -q "^ *[0-9]*: cs:" /proc/drbd && ! md=$(drbdadm dump-md $RES 2>&1); then
+    if echo "$md" | grep -q "No valid meta data found"; then
+      drbdadm create-md --force $RES
+    else
+      say "drbd: keeping the existing metadata ($(echo "$md" | grep -v '^$' | tail -1))"
+    fi
+  fi
+  grep -q "^ *0: cs:" /proc/drbd || drbdadm up $RES
+  [ "$HASTORE_NODE" = "$HASTORE_PRIMARY" ] || { say "drbd: $RES up, $(dstate)"; return 0; }
+  # Only metadata that never saw data (current UUID 4, UUID_JUST_CREATED) is initialised; anything else holds data
+  # (a restarted node is Consistent or Outdated until it has talked to its peer: never force it).
+  if ! drbdadm get-gi $RES 2>/dev/null | grep -q '^0*4:'; then
+    say "drbd: $RES already initialised, $(cstate) $(dstate)"
+    return 0
+  fi
+  # First time on the preferred node: the peer may not be up yet (Vagrant provisions one node after the other);
+  # DRBD syncs it fully as soon as it connects.
+  say "drbd: initial sync from here ($(cstate), $(dstate))"
+  drbdadm primary --force $RES
+  mkfs.ext4 -q -F $DEVICE
+  mkdir -p $MOUNT
+  mount $DEVICE $MOUNT
+  mkdir -p $DATADIR
+  chown mysql:mysql $DATADIR
+  mariadb-install-db --user=mysql --datadir=$DATADIR --auth-root-authentication-method=socket \
+    --skip-test-db >/dev/null
+  mariadbd --bootstrap --user=mysql --datadir=$DATADIR --skip-networking >/tmp/hastore-bootstrap.log 2>&1 <<'EOF' \
+    || { tail -5 /tmp/hastore-bootstrap.log >&2; exit 1; }
+FLUSH PRIVILEGES;
+CREATE DATABASE IF NOT EXISTS lab;
+CREATE USER IF NOT EXISTS 'lab'@'%' IDENTIFIED BY 'lab';
+GRANT ALL ON lab.* TO 'lab'@'%';
+CREATE TABLE IF NOT EXISTS lab.writes (id INT PRIMARY KEY, node VARCHAR(64), t DOUBLE);
+EOF
+  umount $MOUNT
+  if connected_or_syncing; then
+    wait_for "${HASTORE_SYNC_TIMEOUT:-300}" "the initial sync" synced
+  fi
+  drbdadm secondary $RES
+  say "drbd: $RES initialised, $(cstate) $(dstate)"
+}
+
+# `hastore status`, `hastore standby`, ... on the node run the checkout's code, like the daemon.
+install_cli() {
+  printf '#!/bin/sh\nPYTHONPATH=%s exec python3 -m hastore "$@"\n' "$SRC" > /usr/local/bin/hastore
+  chmod 755 /usr/local/bin/hastore
+}
+
+start() {
+  install_cli
+  local pidfile=/run/hastore-provision.pid
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl is-active --quiet hastore-lab && { say "hastore already running"; return 0; }
+    systemd-run --unit=hastore-lab --setenv=PYTHONPATH="$SRC" \
+      /bin/sh -c "exec python3 -m hastore run -c /etc/ha.d >>/var/log/hastore.log 2>&1"
+  else
+    if [ -s $pidfile ] && kill -0 "$(cat $pidfile)" 2>/dev/null; then
+      say "hastore already running (pid $(cat $pidfile))"
+      return 0
+    fi
+    PYTHONPATH="$SRC" setsid nohup python3 -m hastore run -c /etc/ha.d >>/var/log/hastore.log 2>&1 </dev/null &
+    echo $! > $pidfile
+  fi
+  say "hastore started (log /var/log/hastore.log)"
+}
+
+case "${1:-}" in
+  package-list) echo $PACKAGES ;;
+  packages) packages ;;
+  configure) configure ;;
+  drbd) drbd ;;
+  start) start ;;
+  *) echo "usage: provision.sh package-list|packages|configure|drbd|start" >&2; exit 2 ;;
+esac
