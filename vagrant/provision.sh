@@ -67,6 +67,9 @@ resource $RES {
   disk $HASTORE_DISK;
   meta-disk internal;
   disk { c-plan-ahead 0; resync-rate 100M; }  # a fixed, fast resync: a lab disk syncs in seconds
+  # DRBD notices a dead peer by its own pings (default every 10 s): until it does it refuses to promote here
+  # ("Multiple primaries not allowed"), whatever hastore's heartbeat already knows. Ping every second.
+  net { ping-int 1; ping-timeout 5; }
   on $HASTORE_NODE { address $HASTORE_NODE_ADDR:$DRBD_PORT; }
   on $HASTORE_PEER { address $HASTORE_PEER_ADDR:$DRBD_PORT; }
 }

@@ -101,7 +101,8 @@ def test_meta_data_is_valid_xml(drbd):
     assert rc(res) == 0, res.stderr
     doc = minidom.parseString(res.stdout)
     params = {p.getAttribute("name"): p for p in doc.getElementsByTagName("parameter")}
-    assert set(params) == {"resource", "force_promote", "drbdadm", "drbdsetup", "wait_connect_s", "proc_drbd"}
+    assert set(params) == {"resource", "force_promote", "drbdadm", "drbdsetup", "wait_connect_s", "wait_peer_gone_s",
+                           "proc_drbd"}
     assert params["resource"].getAttribute("required") == "1"
     content = params["force_promote"].getElementsByTagName("content")[0]
     assert (content.getAttribute("type"), content.getAttribute("default")) == ("boolean", "false")
@@ -204,11 +205,16 @@ def test_start_failing_up_says_why(drbd):
 
 
 def test_start_refused_while_peer_is_primary(drbd):
+    """A peer still connected as Primary (DRBD has not noticed yet that it died, or it runs): the agent waits
+    wait_peer_gone_s for it to go, then refuses without asking DRBD for a second Primary."""
     drbd.set(peer_role="Primary")
-    res = drbd.agent("start")
+    t0 = time.monotonic()
+    res = drbd.agent("start", wait_peer_gone_s="1")
     assert rc(res) == 1
-    assert "Multiple primaries not allowed" in res.stderr and "demote it there first" in res.stderr
-    assert drbd.role() == "Secondary"
+    assert time.monotonic() - t0 >= 1.0
+    assert "waiting up to 1 s for DRBD to notice it is gone" in res.stderr
+    assert "refusing to promote r0: the peer is connected and Primary" in res.stderr
+    assert drbd.promotions() == [] and drbd.role() == "Secondary"
 
 
 def test_stop_of_a_mounted_device_fails_with_a_sentence(drbd):
@@ -243,7 +249,8 @@ def test_without_drbdadm(drbd):
 
 @pytest.mark.parametrize("param,value", [("resource", "-r0"), ("resource", "r0;reboot"),
                                          ("force_promote", "maybe"), ("wait_connect_s", "-1"),
-                                         ("wait_connect_s", "soon"), ("wait_connect_s", "nan")])
+                                         ("wait_connect_s", "soon"), ("wait_connect_s", "nan"),
+                                         ("wait_peer_gone_s", "-5"), ("wait_peer_gone_s", "later")])
 def test_bad_parameters_are_not_configured(drbd, param, value):
     res = drbd.agent("validate-all", **{param: value})
     assert rc(res) == 6 and param in res.stderr
