@@ -2,7 +2,8 @@
 failing the group drbd -> Filesystem -> IPaddr -> mysql over when the active guest is powered off.
 
 One lab for the module (booting takes ~20 s).  The tests run in file order and build on each other.  Real command
-outputs are written to tests/fixtures/drbd/real/ on the way (the parser tests in tests/unit read them).
+outputs are captured on the way (HASTORE_CAPTURE_FIXTURES=1 writes them to tests/fixtures/drbd/real/, which the
+parser tests in tests/unit read).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from hastore.lab.vm.lab import wait_until
 pytestmark = pytest.mark.vm
 
 REAL = Path(__file__).resolve().parents[1] / "fixtures" / "drbd" / "real"
+# HASTORE_CAPTURE_FIXTURES=1 refreshes the committed fixtures; otherwise the outputs go to a scratch directory
+# (counters differ from run to run: a test run must not leave the checkout modified).
+CAPTURED = REAL if os.environ.get("HASTORE_CAPTURE_FIXTURES") == "1" else \
+    Path(tempfile.gettempdir()) / f"hastore-drbd-captured-{os.getpid()}"
 CAPTURE = {
     "proc_drbd": ["cat", "/proc/drbd"],
     "role": ["drbdadm", "role", "r0"],
@@ -57,6 +62,8 @@ def vm(as_root):
     finally:
         lab.down()
         shutil.rmtree(d, ignore_errors=True)
+        if CAPTURED != REAL:
+            shutil.rmtree(CAPTURED, ignore_errors=True)
 
 
 def sh(lab, node: str, cmd: str, timeout: float = 60) -> str:
@@ -67,12 +74,12 @@ def sh(lab, node: str, cmd: str, timeout: float = 60) -> str:
 
 def capture(lab, node: str, state: str) -> None:
     """Save what each DRBD command prints in this state (stderr too, with the exit code, when it fails)."""
-    REAL.mkdir(parents=True, exist_ok=True)
+    CAPTURED.mkdir(parents=True, exist_ok=True)
     for name, argv in CAPTURE.items():
         rc, out, err = lab.exec(node, argv, timeout=20)
-        (REAL / f"{state}-{name}.txt").write_text(out)
+        (CAPTURED / f"{state}-{name}.txt").write_text(out)
         if rc != 0 or err.strip():
-            (REAL / f"{state}-{name}.stderr").write_text(f"# exit code {rc}\n{err}")
+            (CAPTURED / f"{state}-{name}.stderr").write_text(f"# exit code {rc}\n{err}")
 
 
 def dstate(lab, node: str) -> str:
