@@ -68,3 +68,26 @@ def test_promotion_decision_on_real_states():
     assert "Outdated" in d.promotion_refusal(state("outdated-standalone"), force=False)
     assert "Inconsistent" in d.promotion_refusal(state("synctarget"), force=False)
     assert "Inconsistent" in d.promotion_refusal(state("secondary-inconsistent"), force=False)
+
+
+# The DRBD test double (tests/fixtures/drbd/fake-drbdadm) prints the hand-written fixtures: they must be exactly what
+# real DRBD 8.4 printed in the VM lab for the same state, or the agent tests would test against a fiction.
+SAME = [("drbdadm-84-role-primary.txt", "primary-uptodate-role.txt"),
+        ("drbdadm-84-role-secondary-alone.txt", "wfconnection-role.txt"),
+        ("drbdadm-84-cstate-connected.txt", "primary-uptodate-cstate.txt"),
+        ("drbdadm-84-cstate-wfconnection.txt", "wfconnection-cstate.txt"),
+        ("drbdadm-84-dstate-uptodate.txt", "primary-uptodate-dstate.txt"),
+        ("drbdadm-84-dstate-outdated.txt", "outdated-standalone-dstate.txt")]
+
+
+@pytest.mark.parametrize("double,real", SAME)
+def test_the_test_double_prints_what_real_drbd_printed(double, real):
+    base = Path(__file__).resolve().parents[1] / "fixtures" / "drbd"
+    assert (base / double).read_text() == (REAL / real).read_text()
+
+
+def test_the_double_s_proc_drbd_has_the_real_module_s_version_line():
+    base = Path(__file__).resolve().parents[1] / "fixtures" / "drbd"
+    real = (REAL / "primary-uptodate-proc_drbd.txt").read_text().splitlines()[0]
+    for f in ("proc_drbd-84-connected-primary.txt", "proc_drbd-84-inconsistent.txt", "proc_drbd-84-no-resources.txt"):
+        assert (base / f).read_text().splitlines()[0] == real, f
