@@ -68,7 +68,8 @@ class Daemon:
         self.guard: GuardClient | None = None
         self.held_key: list[tuple[str, int]] | None = []  # the resources the guard was last told we hold
         #                                                     (None: an inherited guard's list, not known)
-        self.handover: str | None = None  # set when the daemon re-executes itself (`hastore restart`)
+        self.restarting = False  # `hastore restart`: the loop ends and the process re-executes itself
+        self.handover = ""  # then: what the new image needs to take over the guard (HANDOVER_ENV)
         self.fenced = False  # the guard fenced this node: nothing more is decided, we exit once it is done
         self.stall_ms = 0
 
@@ -137,7 +138,7 @@ class Daemon:
         if self.timer is not None:
             self.timer.cancel()
         self.runner.cancel_all()
-        if self.guard is not None and self.handover is not None:
+        if self.guard is not None and self.restarting:
             self.handover = self.guard.hand_over()  # the socket outlives exec: the guard sees no EOF
         elif self.guard is not None:
             if self.held_key and not self.fenced:
@@ -356,7 +357,7 @@ class Daemon:
         within deadtime if it starts fast enough (its first beat goes out as soon as it runs)."""
         if self.finished.done():
             return
-        self.handover = ""
+        self.restarting = True
         self.log.warning("restarting", node=self.config.node, reason="hastore restart: re-executing the daemon "
                                                                      "in place; resources keep running")
         self.finished.set_result(0)
@@ -401,7 +402,7 @@ def run(config: Config, allow_insecure_auth: bool = False) -> int:
     except (TransportError, ControlError, StateError, GuardError) as e:
         hlog.get().error("cannot start", reason=str(e))
         return 1
-    if daemon.handover is not None:
+    if daemon.restarting:
         _reexec(daemon.handover)
     return rc
 

@@ -319,11 +319,8 @@ class Engine:
             elif g.state in (GroupState.STOPPED, GroupState.FAILED) and not theirs:
                 if alive and name in self.standby:
                     continue  # the peer may take it; this node does not
-                if g.state is GroupState.FAILED and (now - g.failed_at < self._retry_s() or alive and (
-                        self._peer_may_take(name, info)
-                        or (name in info.failed and g.spec.preferred_node != self.node))):
-                    continue  # the peer may take it; else this node tries again, not at once (if it failed on
-                    #           both nodes, the preferred node retries)
+                if g.state is GroupState.FAILED and self._waits_after_failure(g, now, alive, info):
+                    continue
                 self._maybe_take(g, peer, alive, info, verdict, out, why)
 
     def _pings_settled(self, now: float) -> bool:
@@ -344,6 +341,15 @@ class Engine:
             return ""
         return (f"cut off: no ping node and no peer for {self.config.timing.deadtime_ms} ms ({verdict.reason}); "
                 f"the peer may take it")
+
+    def _waits_after_failure(self, g: GroupTrack, now: float, alive: bool, info: PeerInfo) -> bool:
+        """A group failed here: this node leaves it to an alive peer that can take it, and otherwise tries again,
+        but not before the retry delay; if it failed on both nodes, only its preferred node retries."""
+        if now - g.failed_at < self._retry_s():
+            return True
+        name = g.spec.name
+        return alive and (self._peer_may_take(name, info)
+                          or (name in info.failed and g.spec.preferred_node != self.node))
 
     def _peer_may_take(self, name: str, info: PeerInfo) -> bool:
         """Whether the alive peer is able to take group `name` (it is up, not in standby for it, it did not fail

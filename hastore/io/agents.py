@@ -80,8 +80,13 @@ def resolve(r: Resource, resource_d: Path | None, agents_dir: Path = AGENTS_DIR,
     return Invocation("missing", name)
 
 
+def ours(inv: Invocation) -> bool:
+    """One of hastore's own agents (agents/): Python that imports hastore from this checkout."""
+    return inv.kind == "ocf" and inv.path.startswith(str(AGENTS_DIR))
+
+
 def argv_for(inv: Invocation, op: str) -> list[str]:
-    if inv.kind == "ocf" and inv.path.startswith(str(AGENTS_DIR)):
+    if ours(inv):
         # Ours are Python: run them with the daemon's interpreter, which has hastore's dependencies, and
         # without `env python3` (a version manager's shim there costs ~100 ms per call, on the failover path).
         return [sys.executable, inv.path, op]
@@ -200,7 +205,7 @@ class AgentRunner:
                     "OCF_RESOURCE_INSTANCE": _instance(group, self.names[(group, index)]),
                     "OCF_RESKEY_CRM_meta_timeout": str(int(timeout_s * 1000)), "HA_RSCTMP": "/run/resource-agents"})
         env.update({f"OCF_RESKEY_{k}": v for k, v in inv.params})
-        return with_repo_on_path(env) if inv.path.startswith(str(AGENTS_DIR)) else env
+        return with_repo_on_path(env) if ours(inv) else env
 
     def cancel_all(self) -> None:
         for t in list(self.tasks):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import select
@@ -32,8 +31,7 @@ def add_parser(sub) -> None:
     lsub = lab.add_subparsers(dest="lab_command", required=True)
 
     def with_dir(p):
-        p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"the lab's directory (default {DEFAULT_DIR})")
-        return p
+        return dir_option(p, DEFAULT_DIR)
 
     up = with_dir(lsub.add_parser("up", help="build the lab and start hastore on both nodes"))
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (the lab has two)")
@@ -96,7 +94,13 @@ def main(args) -> int:
 # ---------------------------------------------------------------------- the verbs (also the tests' API)
 def prefix_for(d: Path) -> str:
     """The namespace prefix of the lab in DIR: 8 characters, stable for a directory, never 'hs…' (tests)."""
-    return "hl" + hashlib.sha256(str(d).encode()).hexdigest()[:6]
+    return netns.dir_prefix("hl", d)
+
+
+def dir_option(p: argparse.ArgumentParser, default: Path) -> argparse.ArgumentParser:
+    """Adds --dir (a lab's directory) to a subcommand's parser."""
+    p.add_argument("--dir", default=str(default), help=f"the lab's directory (default {default})")
+    return p
 
 
 def keeper_alive(d: Path) -> dict | None:

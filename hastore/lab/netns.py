@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import errno
 import fnmatch
+import hashlib
 import itertools
 import json
 import logging
@@ -680,13 +681,13 @@ def _marker_pids() -> list[tuple[int, str]]:
     return found
 
 
+def dir_prefix(tag: str, d: Path) -> str:
+    """Names (namespaces, links) of a lab kept in directory d: a 2-letter tag and 6 hex digits, stable for d."""
+    return tag + hashlib.sha256(str(d).encode()).hexdigest()[:6]
+
+
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    return start_ticks(pid) is not None  # None for a zombie too
 
 
 def _kill_pids(pids: set[int], grace: float) -> None:
@@ -733,7 +734,7 @@ def _read_records() -> dict[str, dict]:
 
 def _owner_alive(rec: dict) -> bool:
     pid = rec.get("owner_pid")
-    return isinstance(pid, int) and _alive(pid) and start_ticks(pid) == rec.get("owner_start")
+    return isinstance(pid, int) and start_ticks(pid) == rec.get("owner_start")
 
 
 # --------------------------------------------------------------------- exit hooks

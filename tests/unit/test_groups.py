@@ -21,6 +21,15 @@ def cluster(auto_failback=AutoFailback.OFF, prerun=None, **kw) -> FakeCluster:
     return c
 
 
+def settled_with_ping_node() -> FakeCluster:
+    """Both nodes see the ping node 10.0.0.254; 3 s on, the group runs on alpha."""
+    c = cluster(ping=("10.0.0.254",))
+    for n in ("alpha", "bravo"):
+        c.nodes[n].sees_pings = {"10.0.0.254"}
+    c.advance(3.0)
+    return c
+
+
 def ops(c: FakeCluster, node: str, op: str | None = None) -> list[tuple[int, str]]:
     return [(i, o) for _, g, i, o, _ in c.nodes[node].ops_log if op is None or o == op]
 
@@ -165,10 +174,7 @@ def make_config_af(node, af):
 
 
 def test_a_restarted_daemon_adopts_its_running_group_even_before_its_pings_settle():
-    c = cluster(ping=("10.0.0.254",))
-    for n in ("alpha", "bravo"):
-        c.nodes[n].sees_pings = {"10.0.0.254"}
-    c.advance(3.0)
+    c = settled_with_ping_node()
     assert c.holders("db") == {"alpha"}
     c.nodes["alpha"].running_daemon = False  # the daemon restarts; its resources keep running
     c.advance(0.3)
@@ -201,10 +207,7 @@ def test_per_resource_timeouts_intervals_and_group_restart_limit_from_the_model(
 def test_a_node_where_the_group_failed_retries_it_when_the_peer_cannot_hold_it():
     """Split brain averted by the disk lock leaves the group failed on bravo; after the heal alpha loses its ping
     node and yields: bravo must not sit on its old failure while nobody runs the group."""
-    c = cluster(ping=("10.0.0.254",))
-    for n in ("alpha", "bravo"):
-        c.nodes[n].sees_pings = {"10.0.0.254"}
-    c.advance(3.0)
+    c = settled_with_ping_node()
     assert c.holders("db") == {"alpha"}
     c.nodes["bravo"].faults[("db", 0, "start")] = 1  # the lock is held by alpha
     for link in LINKS:
@@ -239,10 +242,7 @@ def test_a_group_failed_on_both_nodes_is_retried_by_its_preferred_node_only():
 
 
 def test_a_holder_cut_off_from_peer_and_ping_nodes_releases_so_the_peer_can_take_over():
-    c = cluster(ping=("10.0.0.254",))
-    for n in ("alpha", "bravo"):
-        c.nodes[n].sees_pings = {"10.0.0.254"}
-    c.advance(3.0)
+    c = settled_with_ping_node()
     assert c.holders("db") == {"alpha"}
     t0 = c.now
     for link in LINKS:
@@ -253,10 +253,7 @@ def test_a_holder_cut_off_from_peer_and_ping_nodes_releases_so_the_peer_can_take
     released = [t for t, d in c.nodes["alpha"].log if "releasing group db: cut off: no ping node and no peer" in d.reason]
     assert released and released[0] - t0 >= 1.0  # not before deadtime of isolation
     # Alone with its ping nodes, a holder keeps the group (its peer is merely dead).
-    c2 = cluster(ping=("10.0.0.254",))
-    for n in ("alpha", "bravo"):
-        c2.nodes[n].sees_pings = {"10.0.0.254"}
-    c2.advance(3.0)
+    c2 = settled_with_ping_node()
     c2.nodes["bravo"].running_daemon = False
     c2.advance(4.0)
     assert c2.holders("db") == {"alpha"} and "cut off" not in c2.reasons("alpha")

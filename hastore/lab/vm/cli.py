@@ -14,9 +14,10 @@ def add_parser(lsub) -> None:
     vm = lsub.add_parser("vm", help="two qemu guests with real DRBD (image cached in /var/cache/hastore-vm)")
     vsub = vm.add_subparsers(dest="vm_command", required=True)
 
+    from hastore.lab.cli import dir_option
+
     def with_dir(p):
-        p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"the lab's directory (default {DEFAULT_DIR})")
-        return p
+        return dir_option(p, DEFAULT_DIR)
 
     up = with_dir(vsub.add_parser("up", help="build the image if needed, boot both guests, provision them"))
     up.add_argument("--no-provision", action="store_true", help="only boot (no DRBD, no hastore)")

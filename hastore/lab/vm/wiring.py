@@ -9,7 +9,6 @@ guest serves, the second connects and reconnects), the command channel a virtio-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import socket
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ class GuestNet:
 
 def prefix_for(d: Path) -> str:
     """Names of the VM lab in DIR: 'hv' + 6 hex digits, stable for a directory (netns, bridge, taps)."""
-    return "hv" + hashlib.sha256(str(d).encode()).hexdigest()[:6]
+    return netns.dir_prefix("hv", d)
 
 
 def guests(prefix: str) -> dict[str, GuestNet]:
