@@ -18,7 +18,7 @@
 set -euo pipefail
 
 PACKAGES="drbd-utils kmod iproute2 e2fsprogs procps iputils-ping iputils-arping python3 python3-serial busybox psmisc
-util-linux mariadb-server mariadb-client python3-pyroute2 python3-structlog python3-tenacity python3-pyudev
+util-linux mariadb-server mariadb-client python3-structlog python3-tenacity python3-pyudev
 python3-pymysql"
 RES=r0
 DEVICE=/dev/drbd0
@@ -26,6 +26,9 @@ MOUNT=/data
 DATADIR=$MOUNT/mysql
 DRBD_PORT=7789
 SRC=${HASTORE_SRC:-/hastore}
+# Compiled bytecode goes here, not beside the sources: the qemu lab's checkout is a read-only 9p share, where Python
+# would recompile every module in every process (each agent call: seconds under TCG).
+PYC=/var/cache/hastore/pyc
 
 need() {
   local v
@@ -173,23 +176,27 @@ EOF
 
 # `hastore status`, `hastore standby`, ... on the node run the checkout's code, like the daemon.
 install_cli() {
-  printf '#!/bin/sh\nPYTHONPATH=%s exec python3 -m hastore "$@"\n' "$SRC" > /usr/local/bin/hastore
+  printf '#!/bin/sh\nPYTHONPATH=%s PYTHONPYCACHEPREFIX=%s exec python3 -m hastore "$@"\n' "$SRC" "$PYC" \
+    > /usr/local/bin/hastore
   chmod 755 /usr/local/bin/hastore
 }
 
 start() {
   install_cli
+  mkdir -p $PYC
+  # compile once now rather than in the first failover's agent calls
+  PYTHONPYCACHEPREFIX=$PYC python3 -m compileall -q "$SRC/hastore" >/dev/null || true
   local pidfile=/run/hastore-provision.pid
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl is-active --quiet hastore-lab && { say "hastore already running"; return 0; }
-    systemd-run --unit=hastore-lab --setenv=PYTHONPATH="$SRC" \
+    systemd-run --unit=hastore-lab --setenv=PYTHONPATH="$SRC" --setenv=PYTHONPYCACHEPREFIX=$PYC \
       /bin/sh -c "exec python3 -m hastore run -c /etc/ha.d >>/var/log/hastore.log 2>&1"
   else
     if [ -s $pidfile ] && kill -0 "$(cat $pidfile)" 2>/dev/null; then
       say "hastore already running (pid $(cat $pidfile))"
       return 0
     fi
-    PYTHONPATH="$SRC" setsid nohup python3 -m hastore run -c /etc/ha.d >>/var/log/hastore.log 2>&1 </dev/null &
+    PYTHONPATH="$SRC" PYTHONPYCACHEPREFIX=$PYC setsid nohup python3 -m hastore run -c /etc/ha.d >>/var/log/hastore.log 2>&1 </dev/null &
     echo $! > $pidfile
   fi
   say "hastore started (log /var/log/hastore.log)"

@@ -1,9 +1,8 @@
 """Virtual addresses for agents: parse the VIP spec, add/remove it with netlink, announce it.
 
 Pure parts (``parse_vip``, ``arp_frame``, ``neighbour_advert``) are plain functions over values; the
-netlink parts take an open ``pyroute2.IPRoute`` so a caller opens one per action.  pyroute2 is
-imported lazily: ``meta-data`` must work with nothing but the standard library (ocf-tester runs it
-as ``nobody`` with whatever python3 that user finds).
+netlink parts take an open `Rtnl` (hastore.agentlib.rtnl: rtnetlink over a plain socket, standard
+library only, so ``meta-data`` and every other call start fast; see that module for why not pyroute2).
 
 Announcements after a move are what makes a failover visible to the LAN: routers and clients keep
 the old MAC for the VIP in their neighbour caches until told otherwise.  IPv4 gets gratuitous ARP
@@ -22,7 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hastore.agentlib.ocf import ERR_CONFIGURED, ERR_INSTALLED, AgentError
+from hastore.agentlib.ocf import ERR_CONFIGURED, AgentError
+from hastore.agentlib.rtnl import Rtnl
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -138,14 +138,9 @@ def default_broadcast(address: IPAddress, prefixlen: int) -> IPAddress | None:
 
 
 # ------------------------------------------------------------------ netlink
-def iproute():
-    """An open pyroute2 IPRoute for the current network namespace (use as a context manager)."""
-    try:
-        from pyroute2 import IPRoute
-    except ImportError:
-        raise AgentError(ERR_INSTALLED, "the python module pyroute2 is not installed "
-                                        "(pip install pyroute2)") from None
-    return IPRoute()
+def iproute() -> Rtnl:
+    """An open rtnetlink socket for the current network namespace (use as a context manager)."""
+    return Rtnl()
 
 
 @dataclass(frozen=True)
@@ -165,47 +160,39 @@ class Assigned:
     label: str | None
 
 
-def link_by_name(ipr, name: str) -> Link | None:
-    indexes = ipr.link_lookup(ifname=name)
-    return _link(ipr.get_links(indexes[0])[0]) if indexes else None
+def link_by_name(ipr: Rtnl, name: str) -> Link | None:
+    try:
+        index = socket.if_nametoindex(name)
+    except OSError:
+        return None
+    try:
+        return link_by_index(ipr, index)
+    except OSError:
+        return None  # gone in between
 
 
-def link_by_index(ipr, index: int) -> Link:
-    return _link(ipr.get_links(index)[0])
+def link_by_index(ipr: Rtnl, index: int) -> Link:
+    index, name, mac, flags = ipr.link(index)
+    return Link(index, name, mac if len(mac) == 6 and any(mac) else b"", bool(flags & IFF_NOARP))
 
 
-def _link(msg) -> Link:
-    mac = _nla(msg, "address", "IFLA_ADDRESS") or ""
-    raw = bytes.fromhex(mac.replace(":", "")) if mac else b""
-    return Link(msg["index"], _nla(msg, "ifname", "IFLA_IFNAME"), raw if len(raw) == 6 and any(raw) else b"",
-                bool(msg["flags"] & IFF_NOARP))
+def _family(version: int) -> int:
+    return socket.AF_INET if version == 4 else socket.AF_INET6
 
 
-def _nla(msg, short: str, name: str):
-    """An attribute by pyroute2's short name (0.9) or by its netlink name (0.7, Debian 12's python3-pyroute2,
-    whose get() does not know the short names of address attributes)."""
-    value = msg.get(short)
-    return msg.get_attr(name) if value is None else value
-
-
-def assigned(ipr, version: int, index: int | None = None) -> list[Assigned]:
+def assigned(ipr: Rtnl, version: int, index: int | None = None) -> list[Assigned]:
     """Addresses of that family, on one interface or on all of them."""
-    family = socket.AF_INET if version == 4 else socket.AF_INET6
-    kw = {"family": family} if index is None else {"family": family, "index": index}
-    out = []
-    for msg in ipr.get_addr(**kw):
-        flags = msg.get("IFA_FLAGS")
-        out.append(Assigned(msg["index"], ipaddress.ip_address(_nla(msg, "address", "IFA_ADDRESS")), msg["prefixlen"],
-                            msg["flags"] if flags is None else flags, _nla(msg, "label", "IFA_LABEL")))
-    return out
+    return [Assigned(i, ipaddress.ip_address(raw), prefixlen, flags, label)
+            for i, raw, prefixlen, flags, label in ipr.addresses(_family(version))
+            if index is None or i == index]
 
 
-def find(ipr, address: IPAddress, index: int | None = None) -> Assigned | None:
+def find(ipr: Rtnl, address: IPAddress, index: int | None = None) -> Assigned | None:
     """The assignment of `address` (on `index`, or anywhere when None)."""
     return next((a for a in assigned(ipr, address.version, index) if a.address == address), None)
 
 
-def containing_subnet(ipr, address: IPAddress, index: int | None = None) -> Assigned | None:
+def containing_subnet(ipr: Rtnl, address: IPAddress, index: int | None = None) -> Assigned | None:
     """An address whose subnet contains `address`, preferring the most specific prefix."""
     hits = [a for a in assigned(ipr, address.version, index)
             if a.address != address and not a.address.is_link_local and not a.address.is_loopback
@@ -213,32 +200,19 @@ def containing_subnet(ipr, address: IPAddress, index: int | None = None) -> Assi
     return max(hits, key=lambda a: a.prefixlen, default=None)
 
 
-def add(ipr, index: int, address: IPAddress, prefixlen: int, broadcast: IPAddress | None,
+def add(ipr: Rtnl, index: int, address: IPAddress, prefixlen: int, broadcast: IPAddress | None,
         label: str | None) -> None:
     """Add the address; IPv6 without duplicate address detection (usable at once, as IPaddr2's
     default: the address is expected to be moving here from a peer that just released it)."""
-    kw: dict = {"index": index, "address": str(address), "prefixlen": prefixlen}
     if address.version == 4:
-        if broadcast is not None:
-            kw["broadcast"] = str(broadcast)
-        if label:
-            kw["label"] = label
+        ipr.add_address(socket.AF_INET, index, address.packed, prefixlen,
+                        broadcast=broadcast.packed if broadcast is not None else None, label=label)
     else:
-        kw["flags"] = IFA_F_NODAD
-    _netlink(ipr.addr, "add", **kw)
+        ipr.add_address(socket.AF_INET6, index, address.packed, prefixlen, flags=IFA_F_NODAD)
 
 
-def remove(ipr, a: Assigned) -> None:
-    _netlink(ipr.addr, "del", index=a.index, address=str(a.address), prefixlen=a.prefixlen)
-
-
-def _netlink(call, *args, **kw):
-    """Run a pyroute2 call; its NetlinkError comes out as OSError(errno, text)."""
-    from pyroute2.netlink.exceptions import NetlinkError
-    try:
-        return call(*args, **kw)
-    except NetlinkError as e:
-        raise OSError(e.code, os.strerror(e.code)) from None
+def remove(ipr: Rtnl, a: Assigned) -> None:
+    ipr.delete_address(_family(a.address.version), a.index, a.address.packed, a.prefixlen)
 
 
 # ------------------------------------------------------------------ announcements

@@ -9,12 +9,16 @@ import sys
 
 from hastore.config.model import DEFAULT_CONFIG_PATH, DEFAULT_LEGACY_DIR, DEFAULT_SOCKET
 
+LAB_HELP = "a two-node lab on this machine (network namespaces, or qemu guests with `lab vm`)"
+
 
 def _default_config() -> str:
     return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else DEFAULT_LEGACY_DIR
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(lab: bool = True) -> argparse.ArgumentParser:
+    """`lab`: with the lab's own subcommands. Without, `lab` is only listed: the lab's modules are not imported
+    (every `hastore status` and the daemon start pay for them otherwise: ~2 s in the TCG guests)."""
     p = argparse.ArgumentParser(prog="hastore", description="Two-node storage failover (a modern Heartbeat v1).")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -46,8 +50,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="local: groups whose preferred node is this one; foreign (failback): the others")
         c.add_argument("--socket", default=DEFAULT_SOCKET)
 
-    from hastore.lab.cli import add_parser as add_lab_parser
-    add_lab_parser(sub)
+    if lab:
+        from hastore.lab.cli import add_parser as add_lab_parser
+        add_lab_parser(sub)
+    else:
+        sub.add_parser("lab", help=LAB_HELP)
 
     cfg = sub.add_parser("config", help="check or convert configuration")
     csub = cfg.add_subparsers(dest="config_command", required=True)
@@ -63,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = _parser(lab="lab" in words or not words or words[0].startswith("-")).parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
     if args.command == "status":

@@ -27,7 +27,8 @@ class LabCliError(RuntimeError):
 
 
 def add_parser(sub) -> None:
-    lab = sub.add_parser("lab", help="a two-node lab on this machine (network namespaces)")
+    from hastore.cli.main import LAB_HELP
+    lab = sub.add_parser("lab", help=LAB_HELP)
     lsub = lab.add_subparsers(dest="lab_command", required=True)
 
     def with_dir(p):

@@ -189,8 +189,7 @@ class VmLab:
     def group_on(self, node: str, group: str = "group1") -> dict | None:
         """`hastore status` in the guest: the group when it runs there with every resource started, else None."""
         try:
-            rc, out, _ = self.exec(node, ["python3", "-m", "hastore", "status", "--json"], timeout=30,
-                                   env={"PYTHONPATH": "/hastore"})
+            rc, out, _ = self.exec(node, ["hastore", "status", "--json"], timeout=30)
         except CtlError:
             return None
         if rc != 0:

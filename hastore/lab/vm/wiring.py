@@ -20,7 +20,7 @@ LAN_GW, LAN_PREFIXLEN = "10.92.0.1", 24
 VIP = f"10.92.0.100/{LAN_PREFIXLEN}"
 NODES = ("alpha", "bravo")
 UDP_BASE = 40000
-MEM_MB = 512
+MEM_MB = 1024  # 512 left MariaDB + hastore 35 MiB of page cache: every Python import hit 9p
 DISK_MB = 256
 
 
