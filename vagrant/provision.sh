@@ -5,9 +5,10 @@
 #
 #   provision.sh package-list   print the guest packages (space separated; the qemu image is built with them)
 #   provision.sh packages       apt-get install them
-#   provision.sh configure      write /etc/drbd.d/r0.res and /etc/ha.d/{ha.cf,authkeys,haresources}
-#   provision.sh drbd           create-md, up; on HASTORE_PRIMARY the first time: force primary, mkfs.ext4,
-#                               MariaDB datadir (user lab/lab, database lab), then Secondary again
+#   provision.sh configure      write /etc/drbd.d/r0.res (r1.res) and /etc/ha.d/{ha.cf,authkeys,haresources}
+#   provision.sh drbd           create-md, up; on a resource's preferred node the first time: force primary,
+#                               mkfs.ext4, then r0: MariaDB datadir (user lab/lab, database lab); r1: the export
+#                               and NFS state directories; then Secondary again
 #   provision.sh start          start `hastore run -c /etc/ha.d` in the background (log /var/log/hastore.log)
 #
 # Environment: HASTORE_NODE, HASTORE_PEER (node names = uname -n), HASTORE_NODE_ADDR, HASTORE_PEER_ADDR (replication
@@ -15,16 +16,24 @@
 # device for the heartbeat), HASTORE_LAN_IF (optional: the VIP's interface), HASTORE_VIP (a.b.c.d/nn), HASTORE_PING
 # (ping node), HASTORE_PRIMARY (preferred node), HASTORE_SRC (the checkout, default /hastore),
 # HASTORE_SYNC_TIMEOUT (seconds the primary waits for the initial sync when the peer is connected, default 300).
+# The NFS example (a second group, preferred by the other node): HASTORE_NFS_DISK (its DRBD backing device; unset:
+# no NFS group), HASTORE_NFS_VIP (a.b.c.d/nn), HASTORE_NFS_CLIENTS (who may mount, e.g. 192.168.56.0/24).
 set -euo pipefail
 
 PACKAGES="drbd-utils kmod iproute2 e2fsprogs procps iputils-ping iputils-arping python3 python3-serial busybox psmisc
 util-linux mariadb-server mariadb-client python3-structlog python3-tenacity python3-pyudev
-python3-pymysql"
-RES=r0
+python3-pymysql nfs-kernel-server"
+RES=r0                  # the MariaDB group's DRBD resource
 DEVICE=/dev/drbd0
 MOUNT=/data
 DATADIR=$MOUNT/mysql
 DRBD_PORT=7789
+NFS_RES=r1              # the NFS group's
+NFS_DEVICE=/dev/drbd1
+NFS_MOUNT=/srv/nfs
+NFS_EXPORT=$NFS_MOUNT/export
+NFS_STATE=$NFS_MOUNT/state
+NFS_PORT=7790
 SRC=${HASTORE_SRC:-/hastore}
 # Compiled bytecode goes here, not beside the sources: the qemu lab's checkout is a read-only 9p share, where Python
 # would recompile every module in every process (each agent call: seconds under TCG).
@@ -48,12 +57,34 @@ packages() {
   # shellcheck disable=SC2086
   apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    systemctl disable --now mariadb >/dev/null 2>&1 || true
+    systemctl disable --now mariadb nfs-server >/dev/null 2>&1 || true  # hastore starts them where their group runs
   fi
 }
 
 # The interface that holds an IPv4 address.
 iface_of() { ip -o -4 addr show | awk -v a="$1" '{split($4, p, "/")} p[1] == a {print $2; exit}'; }
+
+# drbd_res_file RES DEVICE DISK PORT
+drbd_res_file() {
+  cat > /etc/drbd.d/$1.res <<EOF
+# written by hastore's vagrant/provision.sh
+resource $1 {
+  protocol C;
+  device $2;
+  disk $3;
+  meta-disk internal;
+  disk { c-plan-ahead 0; resync-rate 100M; }  # a fixed, fast resync: a lab disk syncs in seconds
+  # DRBD notices a dead peer by its own pings (default every 10 s): until it does it refuses to promote here
+  # ("Multiple primaries not allowed"), whatever hastore's heartbeat already knows. Ping every second.
+  net { ping-int 1; ping-timeout 5; }
+  on $HASTORE_NODE { address $HASTORE_NODE_ADDR:$4; }
+  on $HASTORE_PEER { address $HASTORE_PEER_ADDR:$4; }
+}
+EOF
+}
+
+# The NFS group's preferred node: the other one, so that each node runs a group when both are up.
+nfs_primary() { [ "$HASTORE_PRIMARY" = "$HASTORE_NODE" ] && echo "$HASTORE_PEER" || echo "$HASTORE_NODE"; }
 
 configure() {
   need HASTORE_NODE HASTORE_PEER HASTORE_NODE_ADDR HASTORE_PEER_ADDR HASTORE_DISK HASTORE_VIP HASTORE_PING \
@@ -62,21 +93,13 @@ configure() {
   repl_if=$(iface_of "$HASTORE_NODE_ADDR")
   [ -n "$repl_if" ] || { echo "provision.sh: no interface holds $HASTORE_NODE_ADDR" >&2; exit 1; }
   mkdir -p /etc/drbd.d /etc/ha.d
-  cat > /etc/drbd.d/$RES.res <<EOF
-# written by hastore's vagrant/provision.sh
-resource $RES {
-  protocol C;
-  device $DEVICE;
-  disk $HASTORE_DISK;
-  meta-disk internal;
-  disk { c-plan-ahead 0; resync-rate 100M; }  # a fixed, fast resync: a lab disk syncs in seconds
-  # DRBD notices a dead peer by its own pings (default every 10 s): until it does it refuses to promote here
-  # ("Multiple primaries not allowed"), whatever hastore's heartbeat already knows. Ping every second.
-  net { ping-int 1; ping-timeout 5; }
-  on $HASTORE_NODE { address $HASTORE_NODE_ADDR:$DRBD_PORT; }
-  on $HASTORE_PEER { address $HASTORE_PEER_ADDR:$DRBD_PORT; }
-}
-EOF
+  drbd_res_file $RES $DEVICE "$HASTORE_DISK" $DRBD_PORT
+  if [ -n "${HASTORE_NFS_DISK:-}" ]; then
+    need HASTORE_NFS_VIP HASTORE_NFS_CLIENTS
+    drbd_res_file $NFS_RES $NFS_DEVICE "$HASTORE_NFS_DISK" $NFS_PORT
+  else
+    rm -f /etc/drbd.d/$NFS_RES.res
+  fi
   {
     echo "# written by hastore's vagrant/provision.sh"
     echo "keepalive 200ms"
@@ -105,13 +128,24 @@ EOF
   vip=$HASTORE_VIP
   [ -n "${HASTORE_LAN_IF:-}" ] && vip="$vip/$HASTORE_LAN_IF"
   # small VMs: a 32 MiB buffer pool keeps MariaDB's memory modest
-  echo "$HASTORE_PRIMARY drbd::$RES Filesystem::$DEVICE::$MOUNT::ext4 IPaddr::$vip" \
-       "mysql::$DATADIR::--innodb-buffer-pool-size=32M" > /etc/ha.d/haresources
-  say "configured: r0 on $HASTORE_DISK, heartbeat on $repl_if${HASTORE_SERIAL:+ and $HASTORE_SERIAL}, VIP $vip"
+  {
+    echo "$HASTORE_PRIMARY drbd::$RES Filesystem::$DEVICE::$MOUNT::ext4 IPaddr::$vip" \
+         "mysql::$DATADIR::--innodb-buffer-pool-size=32M"
+    if [ -n "${HASTORE_NFS_DISK:-}" ]; then
+      vip=$HASTORE_NFS_VIP
+      [ -n "${HASTORE_LAN_IF:-}" ] && vip="$vip/$HASTORE_LAN_IF"
+      # nfsserver::STATE_DIR::PATH::CLIENT(OPTIONS): the export, with the NFS state kept on the shared disk
+      echo "$(nfs_primary) drbd::$NFS_RES Filesystem::$NFS_DEVICE::$NFS_MOUNT::ext4 IPaddr::$vip" \
+           "nfsserver::$NFS_STATE::$NFS_EXPORT::$HASTORE_NFS_CLIENTS(rw,sync,no_subtree_check,no_root_squash)"
+    fi
+  } > /etc/ha.d/haresources
+  say "configured: r0 on $HASTORE_DISK${HASTORE_NFS_DISK:+, r1 on $HASTORE_NFS_DISK}, heartbeat on $repl_if" \
+      "${HASTORE_SERIAL:+and $HASTORE_SERIAL}, VIP $HASTORE_VIP${HASTORE_NFS_DISK:+, NFS VIP $HASTORE_NFS_VIP}"
 }
 
-dstate() { drbdadm dstate $RES 2>/dev/null || true; }
-cstate() { drbdadm cstate $RES 2>/dev/null || true; }
+R=$RES  # the resource dstate, cstate, synced and connected_or_syncing look at
+dstate() { drbdadm dstate $R 2>/dev/null || true; }
+cstate() { drbdadm cstate $R 2>/dev/null || true; }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds
   local t=$1 what=$2 i=0
@@ -129,36 +163,57 @@ connected_or_syncing() { case "$(cstate)" in Connected | Sync* | PausedSync*) re
 drbd() {
   need HASTORE_NODE HASTORE_PRIMARY
   modprobe drbd
+  drbd_res $RES 0 "$HASTORE_PRIMARY" $DEVICE init_mysql
+  if [ -n "${HASTORE_NFS_DISK:-}" ]; then
+    drbd_res $NFS_RES 1 "$(nfs_primary)" $NFS_DEVICE init_nfs
+  fi
+}
+
+# drbd_res RES MINOR PREFERRED_NODE DEVICE INIT: bring one resource up; initialise it on its preferred node once
+drbd_res() {
+  local res=$1 minor=$2 preferred=$3 device=$4 init=$5 md mnt
+  R=$res
   # Metadata is created only where there is none: after a power loss it is "unclean" and dump-md fails too, and
   # re-creating it would throw away what this node knows about its data (and force a full resync).
-  local md
-  if ! grep -q "^ *[0-9]*: cs:" /proc/drbd && ! md=$(drbdadm dump-md $RES 2>&1); then
+  if ! grep -q "^ *$minor: cs:" /proc/drbd && ! md=$(drbdadm dump-md $res 2>&1); then
     if echo "$md" | grep -q "No valid meta data found"; then
-      drbdadm create-md --force $RES
+      drbdadm create-md --force $res
     else
-      say "drbd: keeping the existing metadata ($(echo "$md" | grep -v '^$' | tail -1))"
+      say "drbd: $res keeps its existing metadata ($(echo "$md" | grep -v '^$' | tail -1))"
     fi
   fi
-  grep -q "^ *0: cs:" /proc/drbd || drbdadm up $RES
-  [ "$HASTORE_NODE" = "$HASTORE_PRIMARY" ] || { say "drbd: $RES up, $(dstate)"; return 0; }
+  grep -q "^ *$minor: cs:" /proc/drbd || drbdadm up $res
+  [ "$HASTORE_NODE" = "$preferred" ] || { say "drbd: $res up, $(dstate)"; return 0; }
   # Only metadata that never saw data (current UUID 4, UUID_JUST_CREATED) is initialised; anything else holds data
   # (a restarted node is Consistent or Outdated until it has talked to its peer: never force it).
-  if ! drbdadm get-gi $RES 2>/dev/null | grep -q '^0*4:'; then
-    say "drbd: $RES already initialised, $(cstate) $(dstate)"
+  if ! drbdadm get-gi $res 2>/dev/null | grep -q '^0*4:'; then
+    say "drbd: $res already initialised, $(cstate) $(dstate)"
     return 0
   fi
   # First time on the preferred node: the peer may not be up yet (Vagrant provisions one node after the other);
   # DRBD syncs it fully as soon as it connects.
-  say "drbd: initial sync from here ($(cstate), $(dstate))"
-  drbdadm primary --force $RES
-  mkfs.ext4 -q -F $DEVICE
-  mkdir -p $MOUNT
-  mount $DEVICE $MOUNT
-  mkdir -p $DATADIR
-  chown mysql:mysql $DATADIR
-  mariadb-install-db --user=mysql --datadir=$DATADIR --auth-root-authentication-method=socket \
+  say "drbd: $res: initial sync from here ($(cstate), $(dstate))"
+  drbdadm primary --force $res
+  mkfs.ext4 -q -F $device
+  mnt=$(mktemp -d)
+  mount $device $mnt
+  $init $mnt
+  umount $mnt
+  rmdir $mnt
+  if connected_or_syncing; then
+    wait_for "${HASTORE_SYNC_TIMEOUT:-300}" "the initial sync of $res" synced
+  fi
+  drbdadm secondary $res
+  say "drbd: $res initialised, $(cstate) $(dstate)"
+}
+
+init_mysql() {  # init_mysql MOUNTPOINT: MariaDB's datadir, user lab/lab, database lab
+  local datadir=$1/${DATADIR#"$MOUNT"/}
+  mkdir -p $datadir
+  chown mysql:mysql $datadir
+  mariadb-install-db --user=mysql --datadir=$datadir --auth-root-authentication-method=socket \
     --skip-test-db >/dev/null
-  mariadbd --bootstrap --user=mysql --datadir=$DATADIR --skip-networking >/tmp/hastore-bootstrap.log 2>&1 <<'EOF' \
+  mariadbd --bootstrap --user=mysql --datadir=$datadir --skip-networking >/tmp/hastore-bootstrap.log 2>&1 <<'EOF' \
     || { tail -5 /tmp/hastore-bootstrap.log >&2; exit 1; }
 FLUSH PRIVILEGES;
 CREATE DATABASE IF NOT EXISTS lab;
@@ -166,12 +221,11 @@ CREATE USER IF NOT EXISTS 'lab'@'%' IDENTIFIED BY 'lab';
 GRANT ALL ON lab.* TO 'lab'@'%';
 CREATE TABLE IF NOT EXISTS lab.writes (id INT PRIMARY KEY, node VARCHAR(64), t DOUBLE);
 EOF
-  umount $MOUNT
-  if connected_or_syncing; then
-    wait_for "${HASTORE_SYNC_TIMEOUT:-300}" "the initial sync" synced
-  fi
-  drbdadm secondary $RES
-  say "drbd: $RES initialised, $(cstate) $(dstate)"
+}
+
+init_nfs() {  # init_nfs MOUNTPOINT: the exported directory (writable by all) and the NFS state directory
+  mkdir -p "$1/${NFS_EXPORT#"$NFS_MOUNT"/}" "$1/${NFS_STATE#"$NFS_MOUNT"/}"
+  chmod 1777 "$1/${NFS_EXPORT#"$NFS_MOUNT"/}"
 }
 
 # `hastore status`, `hastore standby`, ... on the node run the checkout's code, like the daemon.

@@ -33,12 +33,23 @@ POSITIONAL = {
     "drbd": ("resource",),
     "disklock": ("device", "lease_ms", "wait_ms"),
     "mysql": ("datadir", "additional_parameters"),
-    "nfsserver": ("exports", "shared_dir"),
 }
 # what each of our agents cannot run without: a haresources word that leaves one of these unset is not meant for
 # our agent (a bare `mysql` in haresources is the init script, as it was with Heartbeat)
 REQUIRED = {"IPaddr": ("ip",), "Filesystem": ("device", "directory"), "drbd": ("resource",),
             "disklock": ("device",), "mysql": ("datadir",), "nfsserver": ("exports", "shared_dir")}
+
+
+def _nfsserver_args(args: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """haresources `nfsserver::STATE_DIR::PATH::CLIENT(OPTIONS)[::PATH::CLIENT(OPTIONS)...]`: a haresources word
+    has no spaces, so each export line (`PATH CLIENT(OPTIONS)`) comes as two arguments; a path with several
+    clients is repeated. An odd count leaves a path without clients: the agent's validation names it."""
+    if not args:
+        return ()
+    pairs = [" ".join(args[i:i + 2]) for i in range(1, len(args), 2)]
+    return (("shared_dir", args[0]),) + ((("exports", "; ".join(pairs)),) if pairs else ())
+
+
 ALIASES = {"drbddisk": "drbd", "IPaddr2": "IPaddr"}  # Heartbeat names that mean one of our agents
 OCF_NOT_RUNNING, OCF_GENERIC, OCF_NOT_INSTALLED = 7, 1, 5
 
@@ -64,8 +75,7 @@ def resolve(r: Resource, resource_d: Path | None, agents_dir: Path = AGENTS_DIR,
             return Invocation("ocf", str(ocf_root / "resource.d" / parts[1] / parts[2]), params=params)
     ours = ALIASES.get(name, name)
     if (agents_dir / ours).is_file():
-        names = POSITIONAL.get(ours, ())
-        positional = tuple(zip(names, r.args))
+        positional = _nfsserver_args(r.args) if ours == "nfsserver" else tuple(zip(POSITIONAL.get(ours, ()), r.args))
         given = {k for k, _ in positional + params}
         if all(p in given for p in REQUIRED.get(ours, ())):
             return Invocation("ocf", str(agents_dir / ours), params=positional + params)

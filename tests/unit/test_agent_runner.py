@@ -135,3 +135,19 @@ def test_a_missing_agent_fails_start_but_not_stop_or_probe(tmp_path):
     got = run_ops(runner, [("g", 0, op, 1) for op in ("monitor", "start", "stop")])
     assert [rc for _, rc, _ in got] == [7, 5, 0]
     assert "no agent" in got[1][2]
+
+
+def test_nfsserver_haresources_arguments_pair_paths_and_clients(tmp_path):
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    write(agents / "nfsserver", "#!/bin/sh\n")
+    inv = ag.resolve(Resource("nfsserver", ("/srv/nfs/state", "/srv/nfs/export", "10.0.0.0/24(rw,sync)",
+                                            "/srv/nfs/export", "10.1.0.5(ro)")), None, agents_dir=agents)
+    assert inv.kind == "ocf" and dict(inv.params) == {
+        "shared_dir": "/srv/nfs/state", "exports": "/srv/nfs/export 10.0.0.0/24(rw,sync); /srv/nfs/export 10.1.0.5(ro)"}
+    # a path without its client goes to the agent as such: its validation names the missing client
+    inv = ag.resolve(Resource("nfsserver", ("/s", "/e")), None, agents_dir=agents)
+    assert dict(inv.params) == {"shared_dir": "/s", "exports": "/e"}
+    # no export at all is not our agent's form (exports is required): resolution falls through
+    inv = ag.resolve(Resource("nfsserver", ("/s",)), None, agents_dir=agents, init_d=tmp_path, ocf_root=tmp_path)
+    assert inv.kind != "ocf"

@@ -1,5 +1,6 @@
 """Real DRBD 8.4 in two qemu guests (hastore.lab.vm): initial sync, the drbd agent on an Outdated disk, and hastore
-failing the group drbd -> Filesystem -> IPaddr -> mysql over when the active guest is powered off.
+failing the group drbd -> Filesystem -> IPaddr -> mysql over when the active guest is powered off, then back with
+auto_failback on; beside it the NFS example group (drbd r1 -> Filesystem -> IPaddr -> nfsserver) on the other guest.
 
 One lab for the module (booting takes ~20 s).  The tests run in file order and build on each other.  Real command
 outputs are captured on the way (HASTORE_CAPTURE_FIXTURES=1 writes them to tests/fixtures/drbd/real/, which the
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from hastore.lab.vm import wiring as w
 from hastore.lab.vm.lab import wait_until
 
 pytestmark = pytest.mark.vm
@@ -35,6 +37,8 @@ CAPTURE = {
     "status": ["drbdsetup", "status", "r0", "--color=never"],
 }
 AGENT = ["python3", "/hastore/agents/drbd"]
+VIP_IP = w.VIP.split("/")[0]
+NFS_IP = w.NFS_VIP.split("/")[0]
 AGENT_ENV = {"OCF_RESKEY_resource": "r0", "OCF_RESKEY_wait_connect_s": "0", "OCF_ROOT": "/usr/lib/ocf",
              "PYTHONPATH": "/hastore"}
 
@@ -146,6 +150,13 @@ def test_hastore_fails_the_group_over_when_the_active_guest_is_powered_off(vm):
     t0 = time.monotonic()
     wait_until("the group running on alpha", lambda: vm.group_on("alpha"), 240, step=1.0)
     print(f"group started on alpha {time.monotonic() - t0:.1f} s after hastore started")
+    # the second example group: an NFS export on r1, preferred by bravo; alpha mounts it through its VIP
+    wait_until("the NFS group running on bravo", lambda: vm.group_on("bravo", "group2"), 240, step=1.0)
+    print(f"NFS group started on bravo {time.monotonic() - t0:.1f} s after hastore started")
+    sh(vm, "alpha", f"mkdir -p /mnt/nfs && mount -t nfs -o vers=3,nolock,soft,timeo=50,retrans=2 "
+                    f"{NFS_IP}:/srv/nfs/export /mnt/nfs && echo written-through-nfs > /mnt/nfs/from-alpha "
+                    f"&& umount /mnt/nfs", timeout=120)
+    assert sh(vm, "bravo", "cat /srv/nfs/export/from-alpha").strip() == "written-through-nfs"
     r = vm.sql("CREATE TABLE IF NOT EXISTS w (id INT PRIMARY KEY, at VARCHAR(20))")
     assert r.returncode == 0, r.stderr
     acked = []
@@ -171,6 +182,7 @@ def test_hastore_fails_the_group_over_when_the_active_guest_is_powered_off(vm):
     stored = {int(line.split()[0]) for line in rows if line.strip()}
     assert set(acked) <= stored, f"acknowledged writes lost: {sorted(set(acked) - stored)}"
     assert "bravo" in vm.sql("SELECT @@hostname").stdout
+    assert vm.group_on("bravo", "group2"), "the NFS group stays on bravo, its preferred node"
     # alpha comes back: it rejoins as Secondary and resyncs from bravo (no split brain); the group stays put.
     vm.fault("alpha", "start")
     vm.provision("alpha", "configure")
@@ -182,3 +194,21 @@ def test_hastore_fails_the_group_over_when_the_active_guest_is_powered_off(vm):
     time.sleep(10)
     assert vm.group_on("bravo"), "auto_failback off: the group stays on bravo"
     assert set(acked) <= {int(x.split()[0]) for x in vm.sql("SELECT id FROM w").stdout.split("\n") if x.strip()}
+    # auto_failback on (as an admin would: edit ha.cf, reload): the group goes home to alpha, never on both nodes
+    for node in ("alpha", "bravo"):
+        sh(vm, node, "sed -i 's/^auto_failback .*/auto_failback on/' /etc/ha.d/ha.cf && hastore reload")
+    t0 = time.monotonic()
+    both, samples = [], 0
+    while not vm.group_on("alpha") and time.monotonic() - t0 < 240:
+        holders = [n for n in ("alpha", "bravo") if VIP_IP in vm.exec(n, ["ip", "-o", "addr", "show"], timeout=20)[1]]
+        samples += 1
+        if len(holders) == 2:
+            both.append(round(time.monotonic() - t0, 1))
+    assert vm.group_on("alpha"), "auto_failback on: the group did not return to alpha within 240 s"
+    print(f"auto_failback: the group is back on alpha {time.monotonic() - t0:.1f} s after the reload "
+          f"({samples} samples of both nodes' addresses on the way)")
+    assert not both, f"the VIP was on both nodes at {both} s"
+    assert vm.exec("bravo", ["drbdadm", "role", "r0"])[1].strip() == "Secondary/Primary"
+    stored = {int(x.split()[0]) for x in vm.sql("SELECT id FROM w").stdout.split("\n") if x.strip()}
+    assert set(acked) <= stored, f"acknowledged writes lost in the failback: {sorted(set(acked) - stored)}"
+    assert vm.group_on("bravo", "group2"), "the NFS group is bravo's: it does not move"

@@ -42,6 +42,10 @@ def find_port(name: str = PORT_NAME, wait_s: float = 30.0) -> str:
         time.sleep(0.1)
 
 
+# busybox init's PATH lacks /usr/local/bin, where provision.sh installs the `hastore` command
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 def run_request(req: dict) -> dict:
     """Run one request's argv and return the reply (never raises)."""
     rid = req.get("id")
@@ -53,7 +57,7 @@ def run_request(req: dict) -> dict:
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                cwd="/", env=dict(os.environ, **req.get("env", {})))
+                                cwd="/", env={**os.environ, "PATH": PATH, **req.get("env", {})})
     except OSError as e:
         return {"id": rid, "rc": 127, "stdout": "", "stderr": f"ctlserver: {argv[0]}: {e}"}
     try:

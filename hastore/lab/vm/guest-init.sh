@@ -34,7 +34,7 @@ echo "$NODE" > /etc/hostname
 # No DNS in the lab: a lookup must fail at once, not time out (MariaDB looks up every client's address).
 : > /etc/resolv.conf
 
-for m in virtio_pci virtio_net virtio_blk virtio_console 9pnet_virtio 9p drbd ext4; do modprobe "$m"; done
+for m in virtio_pci virtio_net virtio_blk virtio_console 9pnet_virtio 9p drbd ext4 nfsd; do modprobe "$m"; done
 i=0
 while [ ! -e /sys/class/net/eth1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 ip link set lo up

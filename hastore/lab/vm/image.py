@@ -41,7 +41,7 @@ ttyS0::respawn:-/bin/bash
 # The kernel modules the guest loads (virtio, 9p, DRBD); their dependencies come along.  The other 300 MB of
 # modules would only cost RAM, since the whole root lives in it.
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_console", "9pnet_virtio", "9p", "drbd",
-           "crc32c_generic", "crc32c-intel", "ext4")
+           "crc32c_generic", "crc32c-intel", "ext4", "nfsd", "nfsv3")
 # Files of the root the lab never uses; the root must stay well under half the guest's RAM (the tmpfs it unpacks
 # into).  MariaDB runs on /data/mysql, so its own datadir and tools other than server, client, admin and
 # install-db stay out, and so does perl (only perl-base is needed).

@@ -70,10 +70,11 @@ class VmLab:
         self._write_record(rec)
         w.create_network(self.prefix)
         for node in self.nodes:
-            disk = self.dir / f"{node}.disk"
-            if not disk.exists():
-                with open(disk, "wb") as f:
-                    f.truncate(w.DISK_MB << 20)
+            for name, size_mb in ((f"{node}.disk", w.DISK_MB), (f"{node}.nfs.disk", w.NFS_DISK_MB)):
+                disk = self.dir / name
+                if not disk.exists():
+                    with open(disk, "wb") as f:
+                        f.truncate(size_mb << 20)
             if not self.running(node):
                 self._boot(node, image)
         for node in self.nodes:
@@ -172,7 +173,8 @@ class VmLab:
         return {"HASTORE_NODE": node, "HASTORE_PEER": peer.name, "HASTORE_NODE_ADDR": me.repl_addr,
                 "HASTORE_PEER_ADDR": peer.repl_addr, "HASTORE_DISK": "/dev/vda", "HASTORE_SERIAL": "/dev/ttyS1",
                 "HASTORE_LAN_IF": "eth0", "HASTORE_VIP": w.VIP, "HASTORE_PING": w.LAN_GW,
-                "HASTORE_PRIMARY": "alpha", "HASTORE_SRC": "/hastore"}
+                "HASTORE_PRIMARY": "alpha", "HASTORE_SRC": "/hastore",
+                "HASTORE_NFS_DISK": "/dev/vdb", "HASTORE_NFS_VIP": w.NFS_VIP, "HASTORE_NFS_CLIENTS": w.NFS_CLIENTS}
 
     def provision(self, node: str, step: str, timeout: float = 400.0) -> str:
         """Run one step of vagrant/provision.sh in the guest; raises with its output when it fails."""

@@ -18,10 +18,13 @@ from hastore.lab import netns
 
 LAN_GW, LAN_PREFIXLEN = "10.92.0.1", 24
 VIP = f"10.92.0.100/{LAN_PREFIXLEN}"
+NFS_VIP = f"10.92.0.101/{LAN_PREFIXLEN}"  # the NFS example group's
+NFS_CLIENTS = f"10.92.0.0/{LAN_PREFIXLEN}"
 NODES = ("alpha", "bravo")
 UDP_BASE = 40000
 MEM_MB = 1024  # 512 left MariaDB + hastore 35 MiB of page cache: every Python import hit 9p
 DISK_MB = 256
+NFS_DISK_MB = 64
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ def qemu_argv(prefix: str, d: Path, node: str, kernel: Path, initrd: Path, check
         "-device", f"virtio-net-pci,netdev=repl,mac={g.mac_repl},addr=0x5",
         "-drive", f"file={d}/{node}.disk,if=none,id=disk,format=raw,cache=writeback",
         "-device", "virtio-blk-pci,drive=disk,addr=0x6",
+        "-drive", f"file={d}/{node}.nfs.disk,if=none,id=nfsdisk,format=raw,cache=writeback",
+        "-device", "virtio-blk-pci,drive=nfsdisk,addr=0x7",
         "-virtfs", f"local,path={checkout},mount_tag=hastore,security_model=none,readonly=on",
         "-device", "virtio-serial-pci,id=vser",
         "-chardev", f"socket,id=ctl,path={d}/{node}.ctl,server=on,wait=off",
