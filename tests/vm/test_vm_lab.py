@@ -9,6 +9,7 @@ parser tests in tests/unit read).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -212,3 +213,44 @@ def test_hastore_fails_the_group_over_when_the_active_guest_is_powered_off(vm):
     stored = {int(x.split()[0]) for x in vm.sql("SELECT id FROM w").stdout.split("\n") if x.strip()}
     assert set(acked) <= stored, f"acknowledged writes lost in the failback: {sorted(set(acked) - stored)}"
     assert vm.group_on("bravo", "group2"), "the NFS group is bravo's: it does not move"
+
+
+def peer_view(lab, node: str, peer: str) -> tuple[bool, dict[str, bool]]:
+    """(peer alive, {link kind: up}) as `hastore status --json` on `node` shows them (link ids are like
+    ucast:eth1:10.93.0.1 and serial:/dev/ttyS1)."""
+    rc, text, err = lab.exec(node, ["hastore", "status", "--json"], timeout=30)
+    assert rc == 0, f"hastore status on {node}: {err.strip()}"
+    p = json.loads(text)["peers"][peer]
+    return p["alive"], {link.split(":")[0]: v["up"] for link, v in p["links"].items()}
+
+
+def test_fault_kinds_serial_down_then_kill_of_the_holders_daemon(vm):
+    """The lab's other faults on real DRBD: the serial path down moves nothing; kill -9 of the holder's daemon makes
+    its guard stop the group, and the peer takes it over."""
+    assert vm.group_on("alpha") and vm.group_on("bravo", "group2"), "the previous test leaves group1 on alpha"
+    vm.fault("alpha", "link-down", "serial")
+    wait_until("bravo sees alpha over ucast only", lambda: peer_view(vm, "bravo", "alpha") ==
+               (True, {"ucast": True, "serial": False}), 60, step=1.0)
+    vm.fault("alpha", "heal")
+    wait_until("both links up again", lambda: peer_view(vm, "bravo", "alpha") ==
+               (True, {"ucast": True, "serial": True}), 60, step=1.0)
+    # Not here: the replication NIC down (ucast and DRBD gone, serial left). Under TCG a guest stalls for a second
+    # now and then, serial alone then misses deadtime, the peer takes over, and DRBD without fencing lets it: split
+    # brain. tests/scenarios covers that fault on the namespace lab; DRBD fencing is a later piece of work.
+    r = vm.sql("INSERT INTO w VALUES (1000, 'after-heal')")
+    assert r.returncode == 0, r.stderr
+    assert vm.group_on("alpha") and vm.group_on("bravo", "group2"), "one path down: nothing moves"
+    acked = {int(x.split()[0]) for x in vm.sql("SELECT id FROM w").stdout.split("\n") if x.strip()}
+    assert 1000 in acked
+    # kill -9 of the holder's daemon: the node is up, its resources must not stay beside the peer's
+    t0 = time.monotonic()
+    vm.fault("alpha", "kill")
+    wait_until("the group taken over by bravo", lambda: vm.group_on("bravo"), 240, step=1.0)
+    print(f"\nkill -9 of alpha's daemon: group running on bravo {time.monotonic() - t0:.1f} s later")
+    assert VIP_IP not in vm.exec("alpha", ["ip", "-o", "addr", "show"], timeout=20)[1], "VIP left on alpha"
+    assert " /data " not in vm.exec("alpha", ["cat", "/proc/mounts"], timeout=20)[1], "/data still mounted on alpha"
+    assert vm.exec("alpha", ["drbdadm", "role", "r0"])[1].strip() == "Secondary/Primary"
+    log = vm.exec("alpha", ["cat", "/var/log/hastore.log"], timeout=20)[1]
+    assert "self-fencing done" in log and "held resource(s) stopped" in log, "no guard fencing in alpha's log"
+    stored = {int(x.split()[0]) for x in vm.sql("SELECT id FROM w").stdout.split("\n") if x.strip()}
+    assert acked <= stored, f"acknowledged writes lost: {sorted(acked - stored)}"
