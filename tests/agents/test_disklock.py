@@ -18,6 +18,7 @@ import pytest
 from ocftester import ocf_tester
 
 from hastore.agentlib import lease as L
+from hastore.io.proc import start_ticks
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = REPO / "agents" / "disklock"
@@ -218,8 +219,8 @@ class Shared:
         finally:
             dev.close()
 
-    def pidfiles(self, node) -> list[dict]:
-        script = 'for f in /run/hastore/disklock-*.pid; do [ -e "$f" ] && cat "$f" && echo; done; true'
+    def pidfiles(self, node, kind: str = "pid") -> list[dict]:
+        script = f'for f in /run/hastore/disklock-*.{kind}; do [ -e "$f" ] && cat "$f" && echo; done; true'
         out = node.run(["sh", "-c", script]).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
@@ -228,8 +229,9 @@ class Shared:
         return info["pid"]
 
     def kill_renewers(self) -> None:
+        """Renewers and observers."""
         for node in (self.alpha, self.bravo):
-            for info in self.pidfiles(node):
+            for info in self.pidfiles(node) + self.pidfiles(node, "seen"):
                 try:
                     os.kill(info["pid"], signal.SIGCONT)
                     os.kill(info["pid"], signal.SIGKILL)
@@ -312,6 +314,35 @@ def test_dead_holder_is_taken_over_only_after_the_lease(shared):
     assert shared.run(a, "stop").returncode == 0
     assert shared.run(b, "monitor").returncode == 0
     assert shared.block().record.owner == "bravo" and not shared.block().record.released
+
+
+@pytest.mark.root
+def test_the_observer_counts_the_watch_from_the_last_change_it_saw(shared):
+    a, b = shared.alpha, shared.bravo
+    assert shared.run(a, "start").returncode == 0
+    assert shared.run(b, "monitor").returncode == 7  # not held here: the observer starts watching
+    (seen,) = shared.pidfiles(b, "seen")
+    time.sleep(1.0)
+    res, took = shared.timed(b, "start")
+    assert res.returncode == 1 and "held by alpha" in res.stderr, "a renewing holder still wins over the observer"
+    assert took < LEASE_MS / 1000, took
+    assert shared.run(b, "monitor").returncode == 7
+    os.kill(shared.renewer(a), signal.SIGKILL)
+    killed = time.monotonic()
+    time.sleep(1.0)
+    res, took = shared.timed(b, "start")
+    since_kill = time.monotonic() - killed
+    assert res.returncode == 0, res.stderr
+    assert "by the observer" in res.stderr, res.stderr
+    # the last renewal was at most renew_ms (500) before the kill: never taken before a lease after it
+    assert since_kill >= LEASE_MS / 1000 - 0.5, since_kill
+    assert took < LEASE_MS / 1000, f"start took {took:.2f} s, a whole lease or more: the observer did not count"
+    assert shared.block().record.owner == "bravo"
+    assert shared.pidfiles(b, "seen") == [], "holding the lease, bravo's observer is stopped"
+    assert start_ticks(seen["pid"]) is None, "the observer process is gone (or a zombie for init to reap)"
+    assert shared.run(a, "stop").returncode == 0
+    assert shared.run(b, "stop").returncode == 0
+    assert len(shared.pidfiles(b, "seen")) == 1, "after a stop the observer watches again"
 
 
 @pytest.mark.root
