@@ -71,6 +71,7 @@ class Daemon:
         self.restarting = False  # `hastore restart`: the loop ends and the process re-executes itself
         self.handover = ""  # then: what the new image needs to take over the guard (HANDOVER_ENV)
         self.fenced = False  # the guard fenced this node: nothing more is decided, we exit once it is done
+        self.farewell_key: tuple | None = None  # what the guard's farewell datagrams were made for
         self.stall_ms = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -167,6 +168,8 @@ class Daemon:
         if self.guard is not None and (isinstance(event, E.AgentDone) or
                                        any(isinstance(a, A.RunAgent) for a in decision.actions)):
             self._tell_guard_held()
+        if self.guard is not None and self.engine.farewell_key() != self.farewell_key:
+            self._tell_guard_farewell()
         self._rearm(loop)
 
     def _log_decision(self, d: A.Decision) -> None:
@@ -250,6 +253,12 @@ class Daemon:
                 held.append({"name": f"{name}/{self.runner.names[(name, i)]}", "argv": list(cmd.argv),
                              "env": cmd.env, "timeout_s": timeout})
         self.guard.hold(held)
+
+    def _tell_guard_farewell(self) -> None:
+        """Hand the guard the signed LEAVE it sends to the peer after it has stopped everything here."""
+        self.farewell_key = self.engine.farewell_key()
+        targets = [t for t in (tr.target() for tr in self.transports.values()) if t is not None]
+        self.guard.set_farewell([{**t, "data": data.hex()} for data in self.engine.farewell() for t in targets])
 
     def _held_names(self) -> str:
         return ", ".join(f"{name}/{self.runner.names[(name, i)]}" for name, i in self.held_key or ())

@@ -33,6 +33,7 @@ class GroupState(enum.Enum):
     STOP_FAILED = "stop-failed"  # resources may still be held: keep claiming so the peer never starts it
 
 
+FAREWELL_SEQ = 1 << 63  # the guard's LEAVE (see farewell): above any sequence number the daemon itself reaches
 MAX_RESTART_GRACE_MS = 60_000  # a peer's restart grace beyond this is ignored (it stays dead after deadtime)
 CLAIMING = {GroupState.STARTING, GroupState.STARTED, GroupState.STOPPING, GroupState.STOP_FAILED}
 
@@ -216,7 +217,9 @@ class Engine:
         elif msg.type is MsgType.LEAVE:
             info.claims = frozenset()
             info.left_generation = msg.generation
-            self._membership_changes(self.membership.left(msg.src, now), out, why)
+            said = "'s guard stopped its resources after its daemon died or froze" if msg.body.get("by") == "guard" \
+                else " announced a clean shutdown"
+            self._membership_changes(self.membership.left(msg.src, now, f"{msg.src}{said}"), out, why)
 
     def _on_beat(self, msg: Message, info: PeerInfo) -> None:
         claims = msg.body.get("g", [])
@@ -495,6 +498,24 @@ class Engine:
         body = {"e": echo or 0}
         body.update(extra)
         return body
+
+    def farewell(self) -> tuple[bytes, ...]:
+        """Signed LEAVE datagrams, one per peer whose generation we know, for the guard to send once it has stopped
+        everything here after the daemon died or froze: the peer then takes over at once instead of after deadtime.
+        Their sequence number (FAREWELL_SEQ) is above any this daemon uses, so the peer accepts them after all our
+        beats, and rejects whatever this generation sends afterwards (a frozen daemon waking up exits anyway).
+        They echo the peer's current generation, like every message: the daemon hands the guard new ones when it
+        changes (and when the signing key does)."""
+        auth = self.config.auth
+        key = signing_key(auth)
+        return tuple(encode(Message(MsgType.LEAVE, self.node, peer, self.generation, FAREWELL_SEQ,
+                                    body={"e": info.generation, "st": "leaving", "by": "guard"}),
+                            key, allow_insecure=auth.allow_insecure)
+                     for peer, info in sorted(self.peer_info.items()) if info.generation is not None)
+
+    def farewell_key(self) -> tuple:
+        """What farewell() depends on: ask for new datagrams when this changes."""
+        return (self.config.auth, tuple((p, i.generation) for p, i in sorted(self.peer_info.items())))
 
     def _broadcast(self, type_: MsgType, dst: str, body: dict, out: list, rid: int = 0, ack: int = 0) -> None:
         self.seq += 1

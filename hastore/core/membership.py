@@ -82,8 +82,9 @@ class Membership:
             lt.state = Liveness.UP
         return changes + self._settle_peer(track, now)
 
-    def left(self, peer: str, now: float) -> list[Change]:
-        """The peer said it is shutting down: dead now, without waiting for deadtime."""
+    def left(self, peer: str, now: float, why: str = "") -> list[Change]:
+        """The peer said it is shutting down (or its guard said it stopped everything): dead now, without waiting
+        for deadtime."""
         track = self.peers[peer]
         track.left_at = now
         changes = []
@@ -91,7 +92,7 @@ class Membership:
             if lt.state is not Liveness.DEAD:
                 changes.append(Change(peer, link, lt.state, Liveness.DEAD, f"link {link} to {peer} closed: {peer} is leaving"))
                 lt.state = Liveness.DEAD
-        return changes + self._settle_peer(track, now, f"{peer} announced a clean shutdown")
+        return changes + self._settle_peer(track, now, why or f"{peer} announced a clean shutdown")
 
     def grace(self, peer: str, until: float | None) -> None:
         """The peer restarts in place: none of its links is declared dead before `until` (None: no grace)."""

@@ -10,12 +10,15 @@ the daemon's exit reaches it, joined by a socket pair. JSON lines, daemon -> gua
                                        engine's deadlines make an event come at least every keepalive
     {"m": "sync", "n": N}              after a stall: "did you fence?"; answered {"m": "ok", "n": N}
     {"m": "timeout", "ms": N}          a reload changed guard_timeout
+    {"m": "farewell", "sends": [{"family", "interface", "dest", "data"}, ...]}
+                                       signed LEAVE datagrams (hex) and where to send them (UDP links)
     {"m": "bye"}                       a clean exit, nothing held: the guard exits quietly
 
 Any message proves the daemon alive. EOF without bye (the daemon was killed) or no message for guard_timeout (the
 daemon is frozen) makes the guard fence: it first writes {"m": "fencing", "reason", "silent_ms"} back (so that a
 frozen daemon learns on waking that it must not carry on), kills the agents in flight, runs `stop` of every held
-resource in reverse order, logs each step on its stderr (the daemon's log) and exits. Input is always read before
+resource in reverse order, logs each step on its stderr (the daemon's log), and, when every stop succeeded, sends
+the farewell datagrams so that the peer takes over at once instead of after deadtime; then it exits. Input is always read before
 the clock is looked at, so a pet already sent is never overlooked; the decision itself is `Watch`, pure.
 
     python -m hastore.io.guard --fd N --daemon-pid PID --timeout-ms MS [--logfile PATH]
@@ -38,6 +41,7 @@ from hastore.core.resources import TIMEOUT_RC
 from hastore.io.agents import OCF_NOT_INSTALLED, kill_group, last_line, with_repo_on_path
 from hastore.io.proc import start_ticks
 
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 STARTUP_S = 10.0  # how long the daemon waits for a new guard to answer
 RESTART_GRACE_MS = 5000  # guard_timeout while the daemon re-executes itself (`hastore restart`); the peer is
 #                          asked to wait this plus deadtime, so the guard has fenced before the peer would start
@@ -71,6 +75,7 @@ class Verdict:
     stops: tuple[Stop, ...] = ()
     agents: tuple[tuple[int, int], ...] = ()
     silent_ms: int = 0
+    farewell: tuple[dict, ...] = ()
 
 
 class Watch:
@@ -82,6 +87,7 @@ class Watch:
         self.last_heard = now
         self.held: tuple[Stop, ...] = ()
         self.agents: tuple[tuple[int, int], ...] = ()
+        self.farewell: tuple[dict, ...] = ()
         self.said_bye = False
 
     def receive(self, msg: dict, now: float) -> dict | None:
@@ -94,6 +100,9 @@ class Watch:
             self.agents = tuple((int(p), int(t)) for p, t in msg["pids"])
         elif kind == "timeout":
             self.timeout_s = msg["ms"] / 1000
+        elif kind == "farewell":
+            self.farewell = tuple({"family": int(s["family"]), "interface": str(s["interface"]),
+                                   "dest": tuple(s["dest"]), "data": bytes.fromhex(s["data"])} for s in msg["sends"])
         elif kind == "sync":
             return {"m": "ok", "n": msg.get("n")}
         elif kind == "bye":
@@ -122,9 +131,9 @@ class Watch:
             return None
         stops = tuple(reversed(self.held))
         if not stops:
-            return Verdict("fence", f"{why}: nothing held here", (), self.agents, silent_ms)
+            return Verdict("fence", f"{why}: nothing held here", (), self.agents, silent_ms, self.farewell)
         return Verdict("fence", f"{why}: self-fencing: stopping {', '.join(s.name for s in stops)}", stops,
-                       self.agents, silent_ms)
+                       self.agents, silent_ms, self.farewell)
 
 
 # -- the guard process ------------------------------------------------------------------------------------------
@@ -157,6 +166,7 @@ def fence(verdict: Verdict, sock: socket.socket, log, clock=time.monotonic) -> i
     _write(sock, {"m": "fencing", "reason": verdict.reason, "silent_ms": verdict.silent_ms})
     if not verdict.stops:
         log.warning("guard", reason=f"{verdict.reason}: exiting")
+        say_farewell(verdict.farewell, log)
         return 0
     log.error("self-fencing", reason=verdict.reason)
     for pid, ticks in verdict.agents:
@@ -179,7 +189,26 @@ def fence(verdict: Verdict, sock: socket.socket, log, clock=time.monotonic) -> i
                                               f"{', '.join(failed)} may still run here", elapsed_ms=ms)
         return 1
     log.warning("self-fencing done", reason=f"all {len(verdict.stops)} held resource(s) stopped", elapsed_ms=ms)
+    say_farewell(verdict.farewell, log)
     return 0
+
+
+def say_farewell(sends: tuple[dict, ...], log) -> None:
+    """Nothing of ours runs here any more: tell the peer (one datagram per UDP link, best effort; if none
+    arrives the peer takes over after deadtime, as it would have)."""
+    sent = []
+    for s in sends:
+        try:
+            with socket.socket(s["family"], socket.SOCK_DGRAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, s["interface"].encode())
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                sock.sendto(s["data"], s["dest"])
+            sent.append(f"{s['interface']} -> {s['dest'][0]}")
+        except OSError as e:
+            log.warning("guard", reason=f"could not send the farewell on {s['interface']}: {e}")
+    if sent:
+        log.warning("guard", reason=f"told the peer this node holds nothing any more ({', '.join(sent)}): it may "
+                                    f"take over without waiting for deadtime")
 
 
 def run_stop(s: Stop) -> tuple[int, str]:
@@ -321,6 +350,9 @@ class GuardClient:
 
     def pet(self) -> None:
         self._send({"m": "pet"})
+
+    def set_farewell(self, sends: list[dict]) -> None:
+        self._send({"m": "farewell", "sends": sends})
 
     def hold(self, resources: list[dict]) -> None:
         if resources != self.held:

@@ -60,6 +60,11 @@ class Transport:
     def close(self) -> None:
         raise NotImplementedError
 
+    def target(self) -> dict | None:
+        """Where a datagram for this link goes, for another process to send one (the guard's farewell): None
+        when that needs this transport itself."""
+        return None
+
     def _deliver(self, data: bytes) -> None:
         self.stats["received"] += 1
         if self._on_packet is not None:
@@ -215,6 +220,15 @@ class UdpTransport(Transport):
             return socket.inet_ntoa(res[20:24])
         except OSError:
             return "255.255.255.255"
+
+    def target(self) -> dict | None:
+        if self._sock is None:
+            return None
+        try:
+            dest = self._destination()
+        except OSError:
+            return None
+        return {"family": int(self._family), "interface": self.link.interface, "dest": list(dest)}
 
     def _readable(self) -> None:
         sock = self._sock

@@ -115,6 +115,11 @@ def test_sigkill_of_the_daemon_the_guard_stops_its_resources_before_the_peer_tak
     assert lines[0]["reason"] == f"daemon pid {pid} died (EOF on guard pipe): self-fencing: stopping {RESOURCE}"
     done = next(e for e in lines if e["event"] == "self-fencing done")
     assert done["reason"] == "all 1 held resource(s) stopped"
+    # then the guard's farewell: the peer takes over at once, not after deadtime (>= deadtime - keepalive = 0.8 s)
+    assert any(e["reason"].startswith("told the peer this node holds nothing any more") for e in lines), lines
+    left = [e for e in pair.events(pair.b) if f"{pair.a}'s guard stopped its resources" in e.get("reason", "")]
+    assert left and "peer-left" in left[0].get("noticed", []), "the peer did not take the farewell"
+    assert took_over < DEADTIME - 0.3, f"{pair.b} took over {took_over:.2f} s after the kill: it waited for deadtime"
     print(f"\nguard fencing time: SIGKILL -> flag gone {fenced * 1000:.1f} ms (guard's own count from EOF to all "
           f"stopped: {done['elapsed_ms']} ms); {pair.b} held the group after {took_over * 1000:.0f} ms")
 

@@ -257,3 +257,28 @@ def test_a_holder_cut_off_from_peer_and_ping_nodes_releases_so_the_peer_can_take
     c2.nodes["bravo"].running_daemon = False
     c2.advance(4.0)
     assert c2.holders("db") == {"alpha"} and "cut off" not in c2.reasons("alpha")
+
+
+def test_the_guards_farewell_lets_the_peer_take_over_at_once_and_outranks_the_old_daemon():
+    """What the daemon hands its guard (Engine.farewell): after the guard stopped everything, the peer treats it as
+    a LEAVE at once, not after deadtime; the daemon's own later messages of that generation count for nothing."""
+    c = cluster()
+    c.advance(3.0)
+    assert c.holders("db") == {"alpha"}
+    farewell = c.nodes["alpha"].engine.farewell()
+    assert len(farewell) == 1
+    c.nodes["alpha"].running_daemon = False   # kill -9
+    c.nodes["alpha"].running.clear()          # the guard stopped the group
+    t_kill = c.now
+    for link in LINKS:
+        c.schedule(c.now + 0.01, "bravo", E.PacketReceived(link, farewell[0]))
+    c.advance(0.5)                            # well within deadtime (1 s)
+    assert "alpha's guard stopped its resources after its daemon died or froze" in c.reasons("bravo")
+    assert c.first("bravo", "peer-left") is not None and c.first("bravo", "peer-left") - t_kill < 0.1
+    assert c.holders("db") == {"bravo"}
+    assert c.first("bravo", "peer-dead") is None
+    # a beat the old daemon signed before (a lower sequence number) is a replay now
+    old = next(d for t, to, link, d in reversed(c.wire_log) if to == "bravo" and d != farewell[0])
+    c.nodes["bravo"].engine.handle(E.PacketReceived(LINKS[0], old), c.now)
+    assert c.status("bravo")["counters"].get("replay", 0) >= 1
+    assert c.overlaps == []
