@@ -6,7 +6,7 @@
 #   provision.sh package-list   print the guest packages (space separated; the qemu image is built with them)
 #   provision.sh packages       apt-get install them
 #   provision.sh configure      write /etc/drbd.d/r0.res (r1.res) and /etc/ha.d/{ha.cf,authkeys,haresources}
-#   provision.sh drbd           create-md, up; on a resource's preferred node the first time: force primary,
+#   provision.sh drbd           create-md, up; on HASTORE_PRIMARY the first time, per resource: force primary,
 #                               mkfs.ext4, then r0: MariaDB datadir (user lab/lab, database lab); r1: the export
 #                               and NFS state directories; then Secondary again
 #   provision.sh start          start `hastore run -c /etc/ha.d` in the background (log /var/log/hastore.log)
@@ -161,15 +161,17 @@ synced() { [ "$(dstate)" = "UpToDate/UpToDate" ]; }
 connected_or_syncing() { case "$(cstate)" in Connected | Sync* | PausedSync*) return 0 ;; *) return 1 ;; esac; }
 
 drbd() {
-  need HASTORE_NODE HASTORE_PRIMARY
+  need HASTORE_NODE HASTORE_PEER HASTORE_PRIMARY
   modprobe drbd
+  # Both resources are initialised on HASTORE_PRIMARY, the node provisioned first (Vagrant brings the nodes up one
+  # after the other): the NFS group may start there before its preferred node exists, and then it finds its data.
   drbd_res $RES 0 "$HASTORE_PRIMARY" $DEVICE init_mysql
   if [ -n "${HASTORE_NFS_DISK:-}" ]; then
-    drbd_res $NFS_RES 1 "$(nfs_primary)" $NFS_DEVICE init_nfs
+    drbd_res $NFS_RES 1 "$HASTORE_PRIMARY" $NFS_DEVICE init_nfs
   fi
 }
 
-# drbd_res RES MINOR PREFERRED_NODE DEVICE INIT: bring one resource up; initialise it on its preferred node once
+# drbd_res RES MINOR INITIALISING_NODE DEVICE INIT: bring one resource up; initialise it there once
 drbd_res() {
   local res=$1 minor=$2 preferred=$3 device=$4 init=$5 md mnt
   R=$res

@@ -230,7 +230,9 @@ class DeviceMissing(OSError):
 class LeaseDevice:
     """The lease block on a device or file, read and written with O_DIRECT | O_SYNC through an aligned buffer."""
 
-    def __init__(self, path: str, offset: int):
+    def __init__(self, path: str, offset: int, readonly: bool = False):
+        """`readonly` for readers that never write (the observer): closing a device opened for writing makes
+        udev re-probe it, and a whole disk's partition table may be re-read."""
         if offset < 0 or offset % BLOCK:
             raise ValueError(f"offset {offset} must be a multiple of {BLOCK}")
         try:
@@ -240,7 +242,7 @@ class LeaseDevice:
         if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
             raise ValueError(f"{path} is neither a block device nor a regular file")
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_SYNC | os.O_CLOEXEC)
+            self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT | os.O_SYNC | os.O_CLOEXEC)
         except OSError as e:
             if e.errno == 22:  # EINVAL: the filesystem cannot do direct I/O
                 raise ValueError(f"{path} cannot be opened with O_DIRECT (its filesystem does not support "

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 18, 20, 21, 22
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP_INTR, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x10, 0x300
+DUMP_TRIES = 5
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 IFLA_ADDRESS, IFLA_IFNAME = 1, 3
 IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 3, 4, 8
@@ -79,27 +80,36 @@ class Rtnl:
         self.sock.close()
 
     def _request(self, kind: int, flags: int, body: bytes) -> list[tuple[int, bytes]]:
-        """Send one request; the (type, body) of the answers. A dump's parts until NLMSG_DONE; an ACK's
-        error code, if not 0, raised as OSError."""
+        """Send one request; the (type, body) of the answers. A dump's parts until NLMSG_DONE, again when the
+        kernel says the table changed during it (NLM_F_DUMP_INTR); an error code, if not 0, raised as OSError."""
+        for _ in range(DUMP_TRIES):
+            out, interrupted = self._once(kind, flags, body)
+            if not interrupted:
+                return out
+        raise OSError(errno.EAGAIN, f"the address table kept changing during {DUMP_TRIES} dumps")
+
+    def _once(self, kind: int, flags: int, body: bytes) -> tuple[list[tuple[int, bytes]], bool]:
         self.seq += 1
         seq = self.seq
         self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags | NLM_F_REQUEST, seq, 0) + body)
         out: list[tuple[int, bytes]] = []
+        interrupted = False
         while True:
-            data = self.sock.recv(1 << 16)
+            data, _anc, msg_flags, _addr = self.sock.recvmsg(1 << 17)
+            if msg_flags & socket.MSG_TRUNC:
+                raise OSError(errno.EMSGSIZE, "a netlink answer did not fit the receive buffer")
             for mtype, mflags, mseq, mbody in messages(data):
                 if mseq != seq:
                     continue  # an answer to an earlier request we gave up on
-                if mtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", mbody)[0]
+                interrupted |= bool(mflags & NLM_F_DUMP_INTR)
+                if mtype in (NLMSG_ERROR, NLMSG_DONE):
+                    code = -struct.unpack_from("=i", mbody)[0] if len(mbody) >= 4 else 0
                     if code:
                         raise OSError(code, os.strerror(code))
-                    return out  # the ACK
-                if mtype == NLMSG_DONE:
-                    return out
+                    return out, interrupted  # the ACK, or the end of a dump
                 out.append((mtype, mbody))
                 if not mflags & NLM_F_MULTI:
-                    return out
+                    return out, interrupted
 
     def link(self, index: int) -> tuple[int, str, bytes, int]:
         """(index, name, hardware address, IFF_* flags) of a link; OSError(ENODEV) when it does not exist."""
