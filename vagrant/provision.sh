@@ -192,21 +192,36 @@ drbd_res() {
     say "drbd: $res already initialised, $(cstate) $(dstate)"
     return 0
   fi
-  # First time on the preferred node: the peer may not be up yet (Vagrant provisions one node after the other);
+  # First time on the initialising node: the peer may not be up yet (Vagrant provisions one node after the other);
   # DRBD syncs it fully as soon as it connects.
   say "drbd: $res: initial sync from here ($(cstate), $(dstate))"
+  mnt=$(mktemp -d)
+  # shellcheck disable=SC2064 # expanded now, on purpose
+  trap "init_failed $res $mnt" EXIT  # any failure (or exit) before the trap is cleared undoes the initialisation
   drbdadm primary --force $res
   mkfs.ext4 -q -F $device
-  mnt=$(mktemp -d)
   mount $device $mnt
   $init $mnt
   umount $mnt
   rmdir $mnt
+  trap - EXIT
   if connected_or_syncing; then
     wait_for "${HASTORE_SYNC_TIMEOUT:-300}" "the initial sync of $res" synced
   fi
   drbdadm secondary $res
   say "drbd: $res initialised, $(cstate) $(dstate)"
+}
+
+# A first-time initialisation that failed half-way: unmount, demote and reset the metadata, so that the resource
+# is "just created" again and a rerun of the drbd step starts over (instead of calling it initialised).
+init_failed() {
+  umount "$2" 2>/dev/null || true
+  rmdir "$2" 2>/dev/null || true
+  drbdadm secondary "$1" 2>/dev/null || true
+  drbdadm down "$1" 2>/dev/null || true
+  drbdadm create-md --force "$1" >/dev/null 2>&1 || true
+  drbdadm up "$1" 2>/dev/null || true
+  echo "provision.sh: initialising $1 failed; it was reset: run the drbd step again" >&2
 }
 
 init_mysql() {  # init_mysql MOUNTPOINT: MariaDB's datadir, user lab/lab, database lab

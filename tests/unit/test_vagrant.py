@@ -44,3 +44,31 @@ def test_the_vagrantfile_provisions_only_through_the_shared_script_with_variable
     read = set(re.findall(r"\$\{?(HASTORE_[A-Z_]+)", script))
     assert passed and not passed - read, f"the Vagrantfile sets variables provision.sh ignores: {passed - read}"
     assert {"HASTORE_NODE", "HASTORE_PEER", "HASTORE_DISK", "HASTORE_VIP"} <= passed
+
+
+def test_a_failed_first_initialisation_is_undone_so_that_a_rerun_starts_over(tmp_path):
+    """provision.sh drbd with stand-ins for the DRBD and disk tools (they only log their arguments) and a MariaDB
+    bootstrap that fails: the resource is demoted, taken down and its metadata reset, the mount undone."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    tools = {"modprobe": "", "mkfs.ext4": "", "mount": "", "umount": "", "chown": "",
+             "mariadb-install-db": "exit 1",
+             "drbdadm": 'case "$1" in dump-md) echo "No valid meta data found" >&2; exit 1 ;;\n'
+                        '  get-gi) echo 0000000000000004:0000000000000000:0:0:0:0:0:0:0:0:0:0 ;;\n'
+                        '  cstate) echo WFConnection ;; dstate) echo Inconsistent/DUnknown ;; esac'}
+    for name, body in tools.items():
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n{body}\n')
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path),
+           "HASTORE_NODE": "alpha", "HASTORE_PEER": "bravo", "HASTORE_PRIMARY": "alpha"}
+    res = subprocess.run(["bash", str(VAGRANT_DIR / "provision.sh"), "drbd"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode != 0
+    assert "initialising r0 failed; it was reset: run the drbd step again" in res.stderr
+    calls = log.read_text().splitlines()
+    drbd = [c for c in calls if c.startswith("drbdadm ") and c.split()[1] in ("primary", "secondary", "down",
+                                                                              "create-md", "up")]
+    assert drbd == ["drbdadm create-md --force r0", "drbdadm up r0", "drbdadm primary --force r0",
+                    "drbdadm secondary r0", "drbdadm down r0", "drbdadm create-md --force r0", "drbdadm up r0"]
+    mounted = next(c for c in calls if c.startswith("mount "))
+    assert f"umount {mounted.split()[-1]}" in calls, "the temporary mount point was not unmounted"
