@@ -26,21 +26,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 AGENTS_DIR = REPO_ROOT / "agents"
 OCF_ROOT = Path("/usr/lib/ocf")
 
-# haresources positional arguments of hastore's own agents, by position
-POSITIONAL = {
-    "IPaddr": ("ip",),
-    "Filesystem": ("device", "directory", "fstype", "options"),
-    "drbd": ("resource",),
-    "disklock": ("device", "lease_ms", "wait_ms"),
-    "mysql": ("datadir", "additional_parameters"),
-}
-# what each of our agents cannot run without: a haresources word that leaves one of these unset is not meant for
-# our agent (a bare `mysql` in haresources is the init script, as it was with Heartbeat)
-REQUIRED = {"IPaddr": ("ip",), "Filesystem": ("device", "directory"), "drbd": ("resource",),
-            "disklock": ("device",), "mysql": ("datadir",), "nfsserver": ("exports", "shared_dir")}
+Params = tuple[tuple[str, str], ...]
 
 
-def _nfsserver_args(args: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+def _by_position(*names: str):
+    """haresources arguments that are parameters one by one, in this order."""
+    return lambda args: tuple(zip(names, args))
+
+
+def _nfsserver_args(args: tuple[str, ...]) -> Params:
     """haresources `nfsserver::STATE_DIR::PATH::CLIENT(OPTIONS)[::PATH::CLIENT(OPTIONS)...]`: a haresources word
     has no spaces, so each export line (`PATH CLIENT(OPTIONS)`) comes as two arguments; a path with several
     clients is repeated. An odd count leaves a path without clients: the agent's validation names it."""
@@ -50,6 +44,19 @@ def _nfsserver_args(args: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return (("shared_dir", args[0]),) + ((("exports", "; ".join(pairs)),) if pairs else ())
 
 
+# haresources arguments of hastore's own agents -> their OCF parameters
+POSITIONAL = {
+    "IPaddr": _by_position("ip"),
+    "Filesystem": _by_position("device", "directory", "fstype", "options"),
+    "drbd": _by_position("resource"),
+    "disklock": _by_position("device", "lease_ms", "wait_ms"),
+    "mysql": _by_position("datadir", "additional_parameters"),
+    "nfsserver": _nfsserver_args,
+}
+# what each of our agents cannot run without: a haresources word that leaves one of these unset is not meant for
+# our agent (a bare `mysql` in haresources is the init script, as it was with Heartbeat)
+REQUIRED = {"IPaddr": ("ip",), "Filesystem": ("device", "directory"), "drbd": ("resource",),
+            "disklock": ("device",), "mysql": ("datadir",), "nfsserver": ("exports", "shared_dir")}
 ALIASES = {"drbddisk": "drbd", "IPaddr2": "IPaddr"}  # Heartbeat names that mean one of our agents
 OCF_NOT_RUNNING, OCF_GENERIC, OCF_NOT_INSTALLED = 7, 1, 5
 
@@ -75,7 +82,7 @@ def resolve(r: Resource, resource_d: Path | None, agents_dir: Path = AGENTS_DIR,
             return Invocation("ocf", str(ocf_root / "resource.d" / parts[1] / parts[2]), params=params)
     ours = ALIASES.get(name, name)
     if (agents_dir / ours).is_file():
-        positional = _nfsserver_args(r.args) if ours == "nfsserver" else tuple(zip(POSITIONAL.get(ours, ()), r.args))
+        positional = POSITIONAL.get(ours, _by_position())(r.args)
         given = {k for k, _ in positional + params}
         if all(p in given for p in REQUIRED.get(ours, ())):
             return Invocation("ocf", str(agents_dir / ours), params=positional + params)

@@ -18,8 +18,9 @@ Any message proves the daemon alive. EOF without bye (the daemon was killed) or 
 daemon is frozen) makes the guard fence: it first writes {"m": "fencing", "reason", "silent_ms"} back (so that a
 frozen daemon learns on waking that it must not carry on), kills the agents in flight, runs `stop` of every held
 resource in reverse order, logs each step on its stderr (the daemon's log), and, when every stop succeeded, sends
-the farewell datagrams so that the peer takes over at once instead of after deadtime; then it exits. Input is always read before
-the clock is looked at, so a pet already sent is never overlooked; the decision itself is `Watch`, pure.
+the farewell datagrams so that the peer takes over at once instead of after deadtime; then it exits. Input is
+always read before the clock is looked at, so a pet already sent is never overlooked; the decision itself is
+`Watch`, pure.
 
     python -m hastore.io.guard --fd N --daemon-pid PID --timeout-ms MS [--logfile PATH]
 """
