@@ -161,6 +161,9 @@ class Daemon:
         if not self._guard_ok(loop.time()):
             return
         decision = self.engine.handle(event, loop.time())
+        if not decision.actions and not decision.reason:
+            self._rearm(loop)  # nothing changed (a repeated beat, a ping node still visible): the cheap path
+            return
         if decision.reason:
             self._log_decision(decision)
         for action in decision.actions:
@@ -182,11 +185,15 @@ class Daemon:
         getattr(self.log, level)("decision", reason=d.reason, **fields)
 
     def _rearm(self, loop: asyncio.AbstractEventLoop) -> None:
+        when = self.engine.next_deadline()
         if self.timer is not None:
+            if self.timer.when() == when and not self.timer.cancelled():
+                return
             self.timer.cancel()
-        self.timer = loop.call_at(self.engine.next_deadline(), self._on_timer)
+        self.timer = loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
+        self.timer = None  # fired: whatever comes next must arm a new one
         if self.pinger is not None:
             for address in self.pinger.drain():
                 for name in self.ping_names.get(address, ()):

@@ -109,12 +109,16 @@ class Engine:
         out: list[A.Action] = []
         why: list[str] = []
         if isinstance(event, E.PacketReceived):
-            if self._on_packet(event, now, out, why) and not out and not why:
-                # The same message again over another link, no state changed: nothing to decide. (Half of all
-                # packets with two links; the time-driven checks run at next_deadline() anyway.)
+            if self._on_packet(event, now, out, why) and not out and not why and self.probed:
+                # The same message again over another link, or a beat that says what the last one said: no
+                # state changed, nothing to decide (nearly every packet while all is well). The time-driven
+                # checks run at next_deadline(), and our own beat's tick runs the whole pass every keepalive.
                 return A.Decision()
         elif isinstance(event, E.PingReply):
+            still = self.pings.visible(event.address, now)
             self.pings.reply(event.address, now)
+            if still and self.probed:
+                return A.Decision()  # a ping node that was visible stays visible: the count did not change
         elif isinstance(event, E.LinkTrouble):
             out.append(A.Notify("link-trouble", f"link {event.link}: {event.detail}", link=event.link))
             why.append(f"link {event.link} reports trouble: {event.detail}")
@@ -158,7 +162,7 @@ class Engine:
 
     # -- receiving ------------------------------------------------------------------------------
     def _on_packet(self, ev: E.PacketReceived, now: float, out: list, why: list) -> bool:
-        """Returns True when the packet was a duplicate that only refreshed its link."""
+        """Returns True when the packet only refreshed its link: a duplicate, or a beat that repeats the last."""
         v = self.verifier.verify(ev.data, ev.link)
         if v.verdict not in (Verdict.OK, Verdict.DUPLICATE):
             out.append(A.Notify("rejected", f"{v.verdict.name.lower()} on {ev.link}: {v.detail}", link=ev.link))
@@ -192,19 +196,21 @@ class Engine:
             if msg.rid in info.seen_rids:
                 return
             info.seen_rids.add(msg.rid)
-        self._dispatch(msg, info, now, out, why)
+        return self._dispatch(msg, info, now, out, why)
 
-    def _dispatch(self, msg: Message, info: PeerInfo, now: float, out: list, why: list) -> None:
+    def _dispatch(self, msg: Message, info: PeerInfo, now: float, out: list, why: list) -> bool:
+        """Returns True for a beat that repeats what the peer's last beat said (nothing new to decide on)."""
         if msg.type is MsgType.BEAT:
-            self._on_beat(msg, info)
+            changed = self._on_beat(msg, info)
             rs = msg.body.get("rs")
             if isinstance(rs, int) and not isinstance(rs, bool) and 0 < rs <= MAX_RESTART_GRACE_MS:
                 self.membership.grace(msg.src, now + rs / 1000)
                 if info.restart_generation != msg.generation:
                     info.restart_generation = msg.generation
                     why.append(f"{msg.src} is restarting in place: waiting up to {rs} ms for its new daemon")
-            else:
-                self.membership.grace(msg.src, None)  # an ordinary beat (the new daemon's): the grace is over
+                return False
+            # an ordinary beat (the new daemon's): the grace is over
+            return not self.membership.grace(msg.src, None) and not changed
         elif msg.type is MsgType.ACK:
             pending = self.outbox.pop(msg.ack, None)
             if pending is not None and pending.type is MsgType.LEAVE and self.leaving:
@@ -221,7 +227,9 @@ class Engine:
                 else " announced a clean shutdown"
             self._membership_changes(self.membership.left(msg.src, now, f"{msg.src}{said}"), out, why)
 
-    def _on_beat(self, msg: Message, info: PeerInfo) -> None:
+    def _on_beat(self, msg: Message, info: PeerInfo) -> bool:
+        """Takes in what the beat says of the peer; True when that differs from what its last beat said."""
+        before = (info.claims, info.ping_count, info.status, info.failed, info.standby)
         claims = msg.body.get("g", [])
         info.claims = frozenset(c for c in claims if isinstance(c, str)) if isinstance(claims, list) else frozenset()
         p = msg.body.get("p")
@@ -229,6 +237,7 @@ class Engine:
         info.status = str(msg.body.get("st", ""))
         info.failed = _names(msg.body.get("f"))
         info.standby = _names(msg.body.get("sb"))
+        return before != (info.claims, info.ping_count, info.status, info.failed, info.standby)
 
     def _acknowledge(self, msg: Message, out: list) -> None:
         self._broadcast(MsgType.ACK, msg.src, {}, out, ack=msg.rid)
@@ -327,8 +336,13 @@ class Engine:
                 self._maybe_take(g, peer, alive, info, verdict, out, why)
 
     def _pings_settled(self, now: float) -> bool:
-        """Our ping count means something once a ping had time to go out and its reply to be collected."""
-        return now - self.membership.started >= 2 * self.config.timing.keepalive_ms / 1000
+        """Our ping count means something once every ping node answered, or once deadtime passed since we started
+        (a ping node that has not answered by then counts as not seen). Saying "0" or "fewer" earlier, on a
+        loaded machine where the first reply was still on its way, made the peer take a group that was not its."""
+        if now - self.membership.started < 2 * self.config.timing.keepalive_ms / 1000:
+            return False
+        return (self.pings.count(now) == self.pings.configured
+                or now - self.membership.started >= self.config.timing.deadtime_ms / 1000)
 
     def _cut_off(self, now: float, alive: bool, verdict) -> str:
         """Non-empty (the reason) once this node has seen no ping node and no peer for deadtime: cut off from the

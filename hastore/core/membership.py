@@ -94,9 +94,12 @@ class Membership:
                 lt.state = Liveness.DEAD
         return changes + self._settle_peer(track, now, why or f"{peer} announced a clean shutdown")
 
-    def grace(self, peer: str, until: float | None) -> None:
-        """The peer restarts in place: none of its links is declared dead before `until` (None: no grace)."""
-        self.peers[peer].grace_until = until
+    def grace(self, peer: str, until: float | None) -> bool:
+        """The peer restarts in place: none of its links is declared dead before `until` (None: no grace).
+        True when that changed the grace."""
+        track = self.peers[peer]
+        changed, track.grace_until = track.grace_until != until, until
+        return changed
 
     def tick(self, now: float) -> list[Change]:
         changes: list[Change] = []

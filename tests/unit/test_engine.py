@@ -136,6 +136,19 @@ def test_preferred_node_without_ping_lets_the_other_start():
     assert "sees fewer ping nodes" in c.reasons("bravo")
 
 
+def test_a_slow_first_ping_reply_on_the_preferred_node_does_not_hand_its_group_to_the_peer():
+    """Both start together; alpha's first replies are late (a loaded machine, ARP): until every ping node answered
+    or deadtime passed, alpha says nothing about its count, so bravo does not take alpha's group for "fewer"."""
+    c = cluster(ping=("10.0.0.254",))
+    c.nodes["bravo"].sees_pings = {"10.0.0.254"}
+    c.advance(0.7)  # past two keepalives, before deadtime (1 s): alpha has no reply yet
+    c.nodes["alpha"].sees_pings = {"10.0.0.254"}
+    c.advance(2.0)
+    assert c.holders("web") == {"alpha"}
+    assert not [op for op in c.nodes["bravo"].ops_log if op[3] == "start"]
+    assert "sees fewer ping nodes" not in c.reasons("bravo")
+
+
 def test_peer_restart_is_seen_as_a_new_generation():
     c = settled()
     c.nodes["bravo"].running_daemon = False
