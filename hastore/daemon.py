@@ -27,7 +27,7 @@ from hastore.io.control import ControlError, ControlServer
 from hastore.io.guard import HANDOVER_ENV, RESTART_GRACE_MS, GuardClient, GuardError
 from hastore.io.pinger import Pinger
 from hastore.io.state import StateError, StateStore
-from hastore.io.transports import Transport, TransportError, make_transport
+from hastore.io.transports import SerialTransport, Transport, TransportError, UdpTransport, make_transport
 
 # Changing these needs a restart: sockets, identities and the control socket are set up once.
 RESTART_FIELDS = ("node", "nodes", "links", "udpport", "control_socket", "state_dir", "groups", "guard")
@@ -57,6 +57,8 @@ class Daemon:
         self.limiter = hlog.RateLimiter(10.0)
         self.engine: Engine | None = None
         self.transports: dict[str, Transport] = {}
+        self.drain_order: list[Transport] = []
+        self.batch = False  # inside the beat timer's drains (see _on_timer)
         self.pinger: Pinger | None = None
         self.ping_targets: dict[str, str] = {}  # configured name or address -> address pinged
         self.ping_names: dict[str, list[str]] = {}  # address -> configured names
@@ -103,8 +105,11 @@ class Daemon:
     async def _open_io(self) -> None:
         for link in self.config.links:
             t = make_transport(link)
-            await t.open(self._on_packet, self._on_link_error)
+            await t.open(self._on_packet, self._on_link_error, quiet=True)  # see hastore.io.transports
             self.transports[link.id] = t
+        # Drained on the beat timer in this order: the UDP links first, whose datagrams carry the kernel's time, so
+        # that a serial frame read late finds the time its copy came over UDP (Engine._arrival).
+        self.drain_order = sorted(self.transports.values(), key=lambda t: isinstance(t, SerialTransport))
         if self.config.ping_nodes or self.config.ping_groups:
             self._resolve_ping_targets()
             self.pinger = Pinger()
@@ -162,7 +167,8 @@ class Daemon:
             return
         decision = self.engine.handle(event, loop.time())
         if not decision.actions and not decision.reason:
-            self._rearm(loop)  # nothing changed (a repeated beat, a ping node still visible): the cheap path
+            if not self.batch:
+                self._rearm(loop)  # nothing changed (a repeated beat, a ping node still visible): the cheap path
             return
         if decision.reason:
             self._log_decision(decision)
@@ -194,10 +200,17 @@ class Daemon:
 
     def _on_timer(self) -> None:
         self.timer = None  # fired: whatever comes next must arm a new one
-        if self.pinger is not None:
-            for address in self.pinger.drain():
-                for name in self.ping_names.get(address, ()):
-                    self.feed(E.PingReply(name))
+        self.batch = True  # what the drains feed re-arms nothing: the Tick below does, once
+        try:
+            for t in self.drain_order:
+                t.drain()
+            self._quiet_serial()
+            if self.pinger is not None:
+                for address in self.pinger.drain():
+                    for name in self.ping_names.get(address, ()):
+                        self.feed(E.PingReply(name))
+        finally:
+            self.batch = False
         self.feed(E.Tick())
 
     def _execute(self, a: A.Action) -> None:
@@ -237,8 +250,18 @@ class Daemon:
     def _agent_done(self, group: str, index: int, op: str, op_id: int, rc: int, detail: str) -> None:
         self.feed(E.AgentDone(group, index, op, op_id, rc, detail))
 
-    def _on_packet(self, link: str, data: bytes) -> None:
-        self.feed(E.PacketReceived(link, data))
+    def _on_packet(self, link: str, data: bytes, at: float | None, late: bool) -> None:
+        self.feed(E.PacketReceived(link, data, at, late))
+
+    def _quiet_serial(self) -> None:
+        """A serial line waits for the beat timer only while a quiet UDP link carries the peer's beats: news (a
+        leave, a request, a changed beat) comes over that at once. Otherwise the serial line is read as frames
+        come, so news over it alone is not held back a keepalive."""
+        quiet = any(isinstance(t, UdpTransport) and t.quiet and self.engine.link_alive(t.link.id)
+                    for t in self.transports.values())
+        for t in self.transports.values():
+            if isinstance(t, SerialTransport):
+                t.set_quiet(quiet)
 
     def _on_link_error(self, link: str, detail: str) -> None:
         self.feed(E.LinkTrouble(link, detail))

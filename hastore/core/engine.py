@@ -96,6 +96,8 @@ class Engine:
         self.leaving = False
         self.exit_at: float | None = None
         self.unechoed = 0
+        self.first_heard: dict[str, tuple[int, float]] = {}  # per peer: (seq, arrival) of its newest message
+        self.last_beat_body: dict | None = None  # what our previous beat said (a beat saying the same is no news)
         self.reported: set[tuple[str, str]] = set()  # one-shot notices, cleared when the condition ends
         self.now = now
 
@@ -188,7 +190,8 @@ class Engine:
             if msg.rid and v.verdict is Verdict.OK:
                 self._acknowledge(msg, out)  # our first acknowledgement of its LEAVE may have been lost
             return  # a beat sent just before it left, or after: that process is going away
-        self._membership_changes(self.membership.heard(msg.src, ev.link, now), out, why)
+        arrival = self._arrival(ev, msg, v.verdict, now)
+        self._membership_changes(self.membership.heard(msg.src, ev.link, arrival), out, why)
         if v.verdict is Verdict.DUPLICATE:
             return True  # the same message over a second link: proves that link alive, processed once already
         if msg.rid:
@@ -197,6 +200,21 @@ class Engine:
                 return
             info.seen_rids.add(msg.rid)
         return self._dispatch(msg, info, now, out, why)
+
+    def _arrival(self, ev: E.PacketReceived, msg: Message, verdict: Verdict, now: float) -> float:
+        """When the message arrived, for liveness. The kernel's time when the shell has it; for a message read late
+        at an unknown time (a serial line drained on the beat timer), the arrival of its copy over a link that
+        has the time (the peer sends every message over all links at once; a serial frame lags it by its
+        transmission time only), else now: later than the truth, so a link is never declared dead early."""
+        arrival = now if ev.at is None else min(ev.at, now)
+        if verdict is Verdict.OK:
+            if not ev.late:
+                self.first_heard[msg.src] = (msg.seq, arrival)
+        elif ev.late and msg.src in self.first_heard:
+            seq, when = self.first_heard[msg.src]
+            if msg.seq <= seq:
+                arrival = when
+        return arrival
 
     def _dispatch(self, msg: Message, info: PeerInfo, now: float, out: list, why: list) -> bool:
         """Returns True for a beat that repeats what the peer's last beat said (nothing new to decide on)."""
@@ -297,6 +315,11 @@ class Engine:
         if o.kind in ("start-failed", "failover", "stop-failed"):
             out.append(A.Notify("group-failed", o.reason, group=name))
         self.next_beat = now  # tell the peer what we hold now, not a keepalive later
+
+    def link_alive(self, link: str) -> bool:
+        """Whether some peer's beats arrive over `link` (up, or late but not yet dead)."""
+        return any(t.links[link].state in (Liveness.UP, Liveness.WARN)
+                   for t in self.membership.peers.values() if link in t.links)
 
     def claims(self) -> list[str]:
         return sorted(n for n, g in self.groups.items() if g.state in CLAIMING)
@@ -523,7 +546,7 @@ class Engine:
         auth = self.config.auth
         key = signing_key(auth)
         return tuple(encode(Message(MsgType.LEAVE, self.node, peer, self.generation, FAREWELL_SEQ,
-                                    body={"e": info.generation, "st": "leaving", "by": "guard"}),
+                                    body={"e": info.generation, "st": "leaving", "by": "guard"}, news=True),
                             key, allow_insecure=auth.allow_insecure)
                      for peer, info in sorted(self.peer_info.items()) if info.generation is not None)
 
@@ -533,7 +556,11 @@ class Engine:
 
     def _broadcast(self, type_: MsgType, dst: str, body: dict, out: list, rid: int = 0, ack: int = 0) -> None:
         self.seq += 1
-        msg = Message(type_, self.node, dst, self.generation, self.seq, rid=rid, ack=ack, body=self._body(body))
+        full = self._body(body)
+        news = True
+        if type_ is MsgType.BEAT:
+            news, self.last_beat_body = full != self.last_beat_body, full
+        msg = Message(type_, self.node, dst, self.generation, self.seq, rid=rid, ack=ack, body=full, news=news)
         auth = self.config.auth
         data = encode(msg, signing_key(auth), allow_insecure=auth.allow_insecure)
         out.extend(A.Send(link, data) for link in self.links)

@@ -14,8 +14,14 @@ class Tick:
 
 @dataclass(frozen=True)
 class PacketReceived:
+    """A datagram or frame from `link`. `at`: when the kernel received it (monotonic seconds), if the shell read it
+    later than that; None means now. `late`: it was read up to one keepalive after it arrived and when exactly is
+    not known (a serial line drained on the beat timer): see Engine._arrival."""
+
     link: str
     data: bytes
+    at: float | None = None
+    late: bool = False
 
 
 @dataclass(frozen=True)

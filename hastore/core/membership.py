@@ -70,10 +70,11 @@ class Membership:
 
     # -- inputs -------------------------------------------------------------------------------
     def heard(self, peer: str, link: str, now: float) -> list[Change]:
-        """A verified message from `peer` arrived over `link`."""
+        """A verified message from `peer` arrived over `link` at `now` (which may be a little in the past: the
+        kernel's receive time of a datagram read later; see Engine._arrival)."""
         track = self.peers[peer]
         lt = track.links.setdefault(link, LinkTrack())
-        lt.last_heard = now
+        lt.last_heard = now if lt.last_heard is None else max(lt.last_heard, now)
         track.left_at = None
         changes = []
         if lt.state is not Liveness.UP:

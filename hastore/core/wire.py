@@ -1,8 +1,13 @@
 """The heartbeat wire format: a versioned compact envelope, its MAC, and the verifier.
 
-Layout (big-endian): magic b"HA", version u8, type u8, key_id u8, flags u8 (reserved, 0),
-generation u64, seq u64, rid u32, ack u32, src_len u8 + src, dst_len u8 + dst,
-body_len u16 + body (compact sorted JSON, UTF-8), then the MAC over everything before it.
+Layout (big-endian): magic b"HA", version u8, type u8, key_id u8, flags u8, generation u64, seq u64,
+rid u32, ack u32, src_len u8 + src, dst_len u8 + dst, body_len u16 + body (compact sorted JSON, UTF-8),
+then the MAC over everything before it (flags included).
+
+Flags: bit 0 (FLAG_NEWS) marks a datagram the receiver should act on at once: every message that is not a beat,
+and a beat that says something the sender's previous beat did not. A routine beat (the same as the last) only
+proves the sender alive; the receiver's kernel can hold it until the receiver's own beat timer (see
+hastore.io.transports). The other bits are reserved: a datagram with one set is malformed.
 
 The verifier checks in a fixed, cheap-first order (after keepalived) and names every result.
 Replay marks move only after the MAC verified. Pure: no I/O, no clock.
@@ -29,6 +34,10 @@ MAX_NAME = 64
 _U32 = 2**32 - 1
 _U64 = 2**64 - 1
 _HEADER = struct.Struct(">2sBBBBQQII")
+FLAGS_OFFSET = 5  # of the flags byte in a datagram: what the kernel's socket filters look at
+FLAG_NEWS = 0x01
+_KNOWN_FLAGS = FLAG_NEWS
+AUTHENTIC_KEPT = 8  # datagrams remembered as verified, for their copies over the other links
 _BODY_LEN = struct.Struct(">H")
 _DIGEST_NAMES = {AuthAlgorithm.SHA256: "sha256", AuthAlgorithm.SHA1: "sha1", AuthAlgorithm.MD5: "md5"}
 MAC_SIZES = {AuthAlgorithm.SHA256: 32, AuthAlgorithm.SHA1: 20, AuthAlgorithm.MD5: 16, AuthAlgorithm.CRC: 4}
@@ -52,6 +61,7 @@ class Message:
     rid: int = 0  # reliable-message id, u32; 0 = not reliable; a retransmission keeps its rid
     ack: int = 0  # for MsgType.ACK: the rid acknowledged
     body: Mapping[str, Any] = field(default_factory=dict)
+    news: bool = False  # FLAG_NEWS: act on it at once (see the module's docstring)
 
 
 class Verdict(enum.Enum):
@@ -126,7 +136,8 @@ def encode(msg: Message, key: AuthKey, *, allow_insecure: bool = False) -> bytes
     body = _body_bytes(msg.body)
     if len(body) > MAX_DATAGRAM:
         raise ValueError(f"body of {len(body)} bytes cannot fit a datagram")
-    head = _HEADER.pack(MAGIC, VERSION, MsgType(msg.type), key.id, 0, msg.generation, msg.seq, msg.rid, msg.ack)
+    flags = FLAG_NEWS if msg.news else 0
+    head = _HEADER.pack(MAGIC, VERSION, MsgType(msg.type), key.id, flags, msg.generation, msg.seq, msg.rid, msg.ack)
     signed = b"".join((head, bytes([len(src)]), src, bytes([len(dst)]), dst, _BODY_LEN.pack(len(body)), body))
     datagram = signed + _mac(key, signed)
     if len(datagram) > MAX_DATAGRAM:
@@ -186,8 +197,8 @@ def _parse(data: bytes) -> _Parsed:
         raise _Malformed(f"bad magic {magic!r}")
     if version != VERSION:
         raise _Malformed(f"version {version}, we speak {VERSION}")
-    if flags != 0:  # reserved: nothing defines them yet, so a set bit is damage, not a feature
-        raise _Malformed(f"reserved flags {flags:#04x} set")
+    if flags & ~_KNOWN_FLAGS:  # reserved: nothing defines them yet, so a set bit is damage, not a feature
+        raise _Malformed(f"reserved flags {flags & ~_KNOWN_FLAGS:#04x} set")
     if type_ not in MsgType._value2member_map_:
         raise _Malformed(f"unknown type {type_}")
     src, offset = _read_field(data, _HEADER.size, 1, "src")
@@ -199,7 +210,7 @@ def _parse(data: bytes) -> _Parsed:
     if len(mac) not in _KNOWN_MAC_SIZES:
         raise _Malformed(f"{len(mac)} bytes after the body: no MAC is that long")
     message = Message(MsgType(type_), _decode_name(src, "src", 1), _decode_name(dst, "dst", 0),
-                      generation, seq, rid, ack, _decode_body(body))
+                      generation, seq, rid, ack, _decode_body(body), bool(flags & FLAG_NEWS))
     return _Parsed(message, key_id, bytes(data[:offset]), bytes(mac))
 
 
@@ -214,11 +225,13 @@ class Verifier:
         self._generation: dict[str, int] = {}  # highest verified generation per src
         self._node_marks: dict[str, int] = {}  # highest verified seq per src, any link
         self._link_marks: dict[tuple[str, str], int] = {}  # highest verified seq per (src, link)
+        self._authentic: dict[bytes, Message] = {}  # the last few datagrams whose MAC verified, as received
         self.counters: collections.Counter[Verdict] = collections.Counter()
 
     def set_auth(self, auth: Auth) -> None:
         """Config reload: a new key set; generations and marks are kept."""
         self._auth = auth
+        self._authentic.clear()  # signed with a key that may be gone
 
     def generations(self) -> dict[str, int]:
         """Highest generation per src, floors included, so persisting this never lowers a floor."""
@@ -233,6 +246,11 @@ class Verifier:
         return result
 
     def _check(self, data: bytes, link: str) -> Verified:
+        known = self._authentic.get(data)
+        if known is not None:
+            # The very bytes verified before, over another link (the peer sends each datagram over all): authentic
+            # without parsing or a MAC again; whether it is fresh on this link is checked as for any other.
+            return self._check_freshness(known, link)
         try:
             parsed = _parse(data)
         except _Malformed as exc:
@@ -246,6 +264,9 @@ class Verifier:
             return Verified(Verdict.UNKNOWN_KEY, None, f"unknown key {parsed.key_id} from {msg.src} on {link}")
         if not hmac.compare_digest(_mac(key, parsed.signed), parsed.mac):
             return Verified(Verdict.BAD_MAC, None, f"bad MAC from {msg.src} with key {key.id} on {link}")
+        if len(self._authentic) >= AUTHENTIC_KEPT:
+            del self._authentic[next(iter(self._authentic))]  # the oldest
+        self._authentic[bytes(data)] = msg
         return self._check_freshness(msg, link)
 
     def _not_ours(self, msg: Message) -> str:

@@ -1,21 +1,35 @@
 """Heartbeat transports: one object per configured `Link` (UDP ucast/bcast/mcast, serial).
 
-Each transport hands every received datagram or frame to ``on_packet(link.id, data)`` and
+Each transport hands every received datagram or frame to ``on_packet(link.id, data, at, late)`` and
 reports trouble as a sentence through ``on_error(link.id, sentence)``. `send` never blocks and
 never raises for transient trouble (no route, no buffer space, interface down, serial line gone):
 the trouble is reported once per distinct sentence until a send succeeds again. Deciding whether
 a packet is genuine, or our own echo on bcast/mcast, is the verifier's job, not ours.
+
+Quiet mode (``open(..., quiet=True)``, what the daemon uses): waking up costs more than anything a beat
+asks of us, so routine beats do not wake the process. A UDP link then has two sockets on its port: the
+kernel steers datagrams with the wire's FLAG_NEWS set (every message that is not a routine beat) to one
+the event loop watches, and routine beats to one nobody watches, which the daemon drains on its own beat
+timer (`drain`). Both sockets stamp datagrams with the kernel's receive time (SO_TIMESTAMPNS), handed on
+as `at`, so liveness is measured to the arrival, not to the reading. Steering is a classic BPF program on
+the port's SO_REUSEPORT group (unicast) plus a filter on each socket (broadcast and multicast, where each
+socket gets a copy); where the kernel refuses either, the link falls back to one watched socket. A quiet
+serial line is read only by `drain` (late=True: when a frame came is not known, see Engine._arrival);
+`set_quiet(False)` watches it again (the daemon does that while no UDP link carries beats).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import fcntl
 import ipaddress
 import os
+import select
 import socket
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -23,8 +37,9 @@ import serial
 
 from hastore.config.model import Link, LinkKind
 from hastore.core.framing import FrameDecoder, encode_frame
+from hastore.core.wire import FLAG_NEWS, FLAGS_OFFSET
 
-OnPacket = Callable[[str, bytes], None]
+OnPacket = Callable[[str, bytes, "float | None", bool], None]  # link id, data, kernel receive time, read late
 OnError = Callable[[str, str], None]
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
@@ -35,6 +50,12 @@ RECV_SIZE = 65535
 SERIAL_QUEUE_FRAMES = 16  # outgoing frames kept while the line is slow; the oldest goes first
 SERIAL_RETRY_S = 1.0
 SERIAL_POLL_S = 0.02  # read interval for ports without a file descriptor (loop://)
+SO_ATTACH_FILTER = 26
+SO_ATTACH_REUSEPORT_CBPF = 51
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+SCM_TIMESTAMPNS = SO_TIMESTAMPNS
+_TIMESPEC = struct.Struct("@qq")
+UDP_HEADER = 8  # a socket filter on a UDP socket sees the UDP header first; a SO_REUSEPORT program, the payload
 
 
 class TransportError(Exception):
@@ -51,7 +72,7 @@ class Transport:
         self._on_error: OnError | None = None
         self._reported: set[str] = set()
 
-    async def open(self, on_packet: OnPacket, on_error: OnError) -> None:
+    async def open(self, on_packet: OnPacket, on_error: OnError, quiet: bool = False) -> None:
         raise NotImplementedError
 
     def send(self, data: bytes) -> None:
@@ -65,10 +86,13 @@ class Transport:
         when that needs this transport itself."""
         return None
 
-    def _deliver(self, data: bytes) -> None:
+    def drain(self) -> None:
+        """Deliver whatever waits to be read (quiet mode: the daemon calls this on its beat timer)."""
+
+    def _deliver(self, data: bytes, at: float | None = None, late: bool = False) -> None:
         self.stats["received"] += 1
         if self._on_packet is not None:
-            self._on_packet(self.link.id, data)
+            self._on_packet(self.link.id, data, at, late)
 
     def _sent_ok(self) -> None:
         self.stats["sent"] += 1
@@ -102,18 +126,56 @@ def _describe(exc: OSError) -> str:
     return f"{exc.strerror or exc} ({name})" if name else str(exc)
 
 
+# Classic BPF (linux/filter.h): (code, jt, jf, k)
+_LD_LEN, _LDB_ABS, _AND_K, _JSET_K, _RET_K, _RET_A = 0x80, 0x30, 0x54, 0x45, 0x06, 0x16
+_ACCEPT = 0xFFFF
+
+
+def _news_program(base: int, news: bool | None) -> list[tuple[int, int, int, int]]:
+    """A program over a datagram whose payload starts at `base`. news None: return the socket index for a
+    SO_REUSEPORT group (1 for news, 0 otherwise); True/False: a socket filter that keeps news / the rest. A
+    datagram too short to have the flags byte is not news (garbage still reaches the verifier, and its counters)."""
+    off = base + FLAGS_OFFSET
+    if news is None:
+        return [(_LD_LEN, 0, 0, 0), (0x35, 0, 3, off + 1),  # jge len, off+1 ? next : ret 0
+                (_LDB_ABS, 0, 0, off), (_AND_K, 0, 0, FLAG_NEWS), (_RET_A, 0, 0, 0), (_RET_K, 0, 0, 0)]
+    keep_news, keep_rest = (_ACCEPT, 0) if news else (0, _ACCEPT)
+    return [(_LD_LEN, 0, 0, 0), (0x35, 1, 0, off + 1), (_RET_K, 0, 0, keep_rest),
+            (_LDB_ABS, 0, 0, off), (_JSET_K, 0, 1, FLAG_NEWS), (_RET_K, 0, 0, keep_news), (_RET_K, 0, 0, keep_rest)]
+
+
+def _attach(sock: socket.socket, option: int, program: list[tuple[int, int, int, int]]) -> None:
+    """setsockopt(SOL_SOCKET, option, struct sock_fprog): the kernel copies the program, so the buffer may go."""
+    code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *ins) for ins in program))
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@HP", len(program), ctypes.addressof(code)))
+
+
+def _stamp(ancillary: list) -> float | None:
+    """The kernel's receive time (CLOCK_REALTIME seconds) from recvmsg's ancillary data, if there."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            return sec + nsec / 1e9
+    return None
+
+
 class UdpTransport(Transport):
     """ucast, bcast and mcast over one UDP socket bound to the link's port and interface."""
 
     def __init__(self, link: Link) -> None:
         super().__init__(link)
         self._sock: socket.socket | None = None
+        self._news: socket.socket | None = None  # quiet mode: the watched socket, for news only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ifindex = 0
         self._family = socket.AF_INET
         self._joined = True
 
-    async def open(self, on_packet: OnPacket, on_error: OnError) -> None:
+    @property
+    def quiet(self) -> bool:
+        return self._news is not None
+
+    async def open(self, on_packet: OnPacket, on_error: OnError, quiet: bool = False) -> None:
         link = self.link
         self._on_packet, self._on_error = on_packet, on_error
         if not link.interface:
@@ -125,13 +187,39 @@ class UdpTransport(Transport):
         self._family = self._pick_family()
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
+            if quiet:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             self._setup(sock)
         except OSError as exc:
             sock.close()
             raise TransportError(f"{link.id}: cannot open UDP socket: {_describe(exc)}") from None
         self._sock = sock
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._readable)
+        if quiet:
+            self._news = self._open_news(sock)
+        self._loop.add_reader((self._news or sock).fileno(), self.drain)
+
+    def _open_news(self, quiet: socket.socket) -> socket.socket | None:
+        """The second socket of quiet mode and the kernel's steering; None (and `quiet` back to a plain socket
+        that gets everything) where the kernel refuses any of it."""
+        news = socket.socket(self._family, socket.SOCK_DGRAM)
+        try:
+            news.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self._setup(news)  # bound second: index 1 of the port's SO_REUSEPORT group
+            for s, keep in ((quiet, False), (news, True)):
+                s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                _attach(s, SO_ATTACH_FILTER, _news_program(UDP_HEADER, keep))
+            _attach(quiet, SO_ATTACH_REUSEPORT_CBPF, _news_program(0, None))
+        except OSError as exc:
+            news.close()
+            try:
+                quiet.setsockopt(socket.SOL_SOCKET, socket.SO_DETACH_FILTER if hasattr(socket, "SO_DETACH_FILTER")
+                                 else 27, 0)
+            except OSError:
+                pass
+            self._report(f"quiet mode unavailable ({_describe(exc)}): every datagram wakes the daemon")
+            return None
+        return news
 
     def _pick_family(self) -> socket.AddressFamily:
         if self.link.kind is LinkKind.BCAST:
@@ -230,19 +318,40 @@ class UdpTransport(Transport):
             return None
         return {"family": int(self._family), "interface": self.link.interface, "dest": list(dest)}
 
-    def _readable(self) -> None:
-        sock = self._sock
-        if sock is None:
+    def drain(self) -> None:
+        """Deliver what both sockets hold, in the order the kernel received it (so that the verifier's replay
+        marks see a news message and the routine beats around it in sequence)."""
+        if self._sock is None:
             return
+        if self._news is None:
+            for data, _ in self._read(self._sock, stamped=False):
+                self._deliver(data)
+            return
+        got = self._read(self._sock, stamped=True) + self._read(self._news, stamped=True)
+        if not got:
+            return
+        got.sort(key=lambda d: d[1] or 0.0)
+        now = self._loop.time()
+        offset = time.time() - now  # CLOCK_REALTIME - the loop's clock, for the kernel's stamps
+        for data, stamp in got:
+            self._deliver(data, None if stamp is None else min(now, stamp - offset))
+
+    def _read(self, sock: socket.socket, stamped: bool) -> list[tuple[bytes, float | None]]:
+        got = []
         for _ in range(64):  # bounded so one busy link cannot starve the loop
             try:
-                data, _addr = sock.recvfrom(RECV_SIZE)
+                if stamped:
+                    data, ancillary, _flags, _addr = sock.recvmsg(RECV_SIZE, socket.CMSG_SPACE(_TIMESPEC.size))
+                    got.append((data, _stamp(ancillary)))
+                else:
+                    data, _addr = sock.recvfrom(RECV_SIZE)
+                    got.append((data, None))
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:  # e.g. a queued ICMP error
                 self._report(f"receive failed: {_describe(exc)}")
-                return
-            self._deliver(data)
+                break
+        return got
 
     def send(self, data: bytes) -> None:
         sock = self._sock
@@ -259,12 +368,14 @@ class UdpTransport(Transport):
         self._sent_ok()
 
     def close(self) -> None:
-        sock, self._sock = self._sock, None
+        sock, news, self._sock, self._news = self._sock, self._news, None, None
         if sock is None:
             return
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(sock.fileno())
+            self._loop.remove_reader((news or sock).fileno())
         sock.close()
+        if news is not None:
+            news.close()
 
 
 class SerialTransport(Transport):
@@ -290,11 +401,13 @@ class SerialTransport(Transport):
         self._writer_armed = False
         self._task: asyncio.Task | None = None  # poll (no fd) or reconnect
         self._closed = False
+        self.quiet = False  # read only by drain(), not watched by the loop
 
-    async def open(self, on_packet: OnPacket, on_error: OnError) -> None:
+    async def open(self, on_packet: OnPacket, on_error: OnError, quiet: bool = False) -> None:
         link = self.link
         self._on_packet, self._on_error = on_packet, on_error
         self._loop = asyncio.get_running_loop()
+        self.quiet = quiet
         if not link.device:
             raise TransportError(f"{link.id}: no serial device configured")
         if "://" not in link.device and not os.path.exists(link.device):
@@ -316,35 +429,58 @@ class SerialTransport(Transport):
         self._decoder = FrameDecoder()
         if fd is not None:
             os.set_blocking(fd, False)
-            self._loop.add_reader(fd, self._readable)
+            if not self.quiet:
+                self._loop.add_reader(fd, self._readable)
         else:
             self._task = self._loop.create_task(self._poll())
+
+    def set_quiet(self, on: bool) -> None:
+        """Quiet: frames wait for drain(); not quiet: the loop reads each as it comes."""
+        if on == self.quiet:
+            return
+        self.quiet = on
+        if self._fd is not None and self._loop is not None and not self._loop.is_closed():
+            if on:
+                self._loop.remove_reader(self._fd)
+            else:
+                self._loop.add_reader(self._fd, self._readable)  # level-triggered: what waits is read at once
+
+    def drain(self) -> None:
+        if not self.quiet or self._fd is None:
+            return
+        for _ in range(16):  # bounded; a line at 115200 baud brings ~2.3 KB per keepalive of 200 ms
+            # A raw tty (VMIN=0) reads b"" when it has nothing, as it does on hang-up: read only what poll says is
+            # there (or a hang-up), as the loop's reader would.
+            if not select.select([self._fd], [], [], 0)[0] or not self._readable(late=True):
+                return
 
     async def _poll(self) -> None:
         while self._port is not None:
             self._readable()
             await asyncio.sleep(SERIAL_POLL_S)
 
-    def _readable(self) -> None:
+    def _readable(self, late: bool = False) -> bool:
+        """Read once and deliver the frames completed; True when a full buffer was read (there may be more)."""
         port = self._port
         if port is None:
-            return
+            return False
         try:
             data = os.read(self._fd, 4096) if self._fd is not None else port.read(4096)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except (OSError, serial.SerialException) as exc:
             self._lost(f"serial device {self.link.device} lost: {exc}")
-            return
+            return False
         if not data:
             if self._fd is not None:  # readable yet nothing: the other end is gone
                 self._lost(f"serial device {self.link.device} lost: end of file")
-            return
+            return False
         dec = self._decoder
         frames = dec.feed(data)
         self.stats["bad_frames"], self.stats["garbage_bytes"] = dec.bad_frames, dec.garbage_bytes
         for payload in frames:
-            self._deliver(payload)
+            self._deliver(payload, None, late)
+        return len(data) == 4096
 
     def send(self, data: bytes) -> None:
         frame = encode_frame(data)  # an oversized payload is our own bug: that raises

@@ -22,6 +22,7 @@ import pytest
 from nsutil import netns, sh
 
 from hastore.config.model import Link, LinkKind
+from hastore.core.wire import FLAG_NEWS
 from hastore.io.transports import SerialTransport, TransportError, make_transport
 
 PORT = 694  # the namespaces are private, so the real Heartbeat port is free
@@ -73,8 +74,10 @@ def run(coro, timeout: float = 10.0):
 class Node:
     """The transports of one side, with what they received and reported."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
         self.got: list[tuple[str, bytes]] = []
+        self.when: list[tuple[bytes, float | None, bool]] = []  # (data, at, late) of each delivery
         self.errors: list[tuple[str, str]] = []
         self.transports = []
 
@@ -83,12 +86,13 @@ class Node:
         with ctx:
             for link in links:
                 t = make_transport(link)
-                await t.open(self._packet, self._error)
+                await t.open(self._packet, self._error, quiet=self.quiet)
                 self.transports.append(t)
         return self.transports[-len(links) :]
 
-    def _packet(self, link_id: str, data: bytes) -> None:
+    def _packet(self, link_id: str, data: bytes, at: float | None, late: bool) -> None:
         self.got.append((link_id, data))
+        self.when.append((data, at, late))
 
     def _error(self, link_id: str, sentence: str) -> None:
         self.errors.append((link_id, sentence))
@@ -161,6 +165,88 @@ def test_mcast_v4(veths):
 @pytest.mark.root
 def test_mcast_v6(veths):
     run(exchange(veths, mcast(veths.ifa[0], "ff02::1:694"), mcast(veths.ifb[0], "ff02::1:694")))
+
+
+def datagram(tag: bytes, news: bool) -> bytes:
+    """Shaped like the wire's header as far as the flags byte (hastore.core.wire.FLAGS_OFFSET): enough for the
+    kernel's steering, which is all a transport looks at."""
+    return b"HA\x01\x01\x01" + bytes([FLAG_NEWS if news else 0]) + tag
+
+
+async def quiet_mode(veths: Veths, link_a: Link, link_b: Link) -> None:
+    """b opens its link quiet: news wakes it at once; a routine datagram (and garbage too short to say) waits for
+    drain(), then comes with the kernel's receive time, in the order received, before the news that followed it."""
+    na, nb = Node(), Node(quiet=True)
+    try:
+        (ta,) = await na.open(veths.a, link_a)
+        (tb,) = await nb.open(veths.b, link_b)
+        assert tb.quiet, nb.errors
+        # the first datagram may be lost while the neighbour entry resolves: resend news until it is through
+        await until(lambda: datagram(b"hello", True) in [d for _, d in nb.got],
+                    every=lambda: ta.send(datagram(b"hello", True)))
+        nb.got.clear()
+        nb.when.clear()
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        ta.send(datagram(b"routine", False))
+        ta.send(b"abc")
+        await asyncio.sleep(0.3)
+        assert nb.got == [], "a routine datagram woke the reader"
+        tb.drain()
+        assert [d for d, _, _ in nb.when] == [datagram(b"routine", False), b"abc"]
+        for _, at, late in nb.when:
+            assert not late and at is not None and sent_at - 0.05 < at < sent_at + 0.15, (at, sent_at)
+        nb.when.clear()
+        ta.send(datagram(b"routine2", False))
+        await asyncio.sleep(0.05)
+        ta.send(datagram(b"news", True))
+        await until(lambda: len(nb.when) == 2, timeout=1)
+        assert [d for d, _, _ in nb.when] == [datagram(b"routine2", False), datagram(b"news", True)]
+        assert nb.when[0][1] < nb.when[1][1]
+        assert not na.errors and not nb.errors
+    finally:
+        na.close()
+        nb.close()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("kind", ["ucast4", "ucast6", "bcast", "mcast4"])
+def test_quiet_mode_wakes_for_news_only_and_stamps_the_rest(veths, kind):
+    links = {
+        "ucast4": (ucast(veths.ifa[0], veths.v4(0, "b")), ucast(veths.ifb[0], veths.v4(0, "a"))),
+        "ucast6": (ucast(veths.ifa[0], veths.v6(0, "b")), ucast(veths.ifb[0], veths.v6(0, "a"))),
+        "bcast": (bcast(veths.ifa[0]), bcast(veths.ifb[0])),
+        "mcast4": (mcast(veths.ifa[0], "239.0.0.1"), mcast(veths.ifb[0], "239.0.0.1")),
+    }[kind]
+    run(quiet_mode(veths, *links))
+
+
+@pytest.mark.root
+def test_where_the_kernel_refuses_steering_a_quiet_link_falls_back_to_waking_for_everything(veths, monkeypatch):
+    import hastore.io.transports as tr
+    real = tr._attach
+
+    def refuse(sock, option, program):
+        if option == tr.SO_ATTACH_REUSEPORT_CBPF:
+            raise OSError(1, "Operation not permitted")
+        real(sock, option, program)
+
+    monkeypatch.setattr(tr, "_attach", refuse)
+
+    async def body():
+        na, nb = Node(), Node(quiet=True)
+        try:
+            (ta,) = await na.open(veths.a, ucast(veths.ifa[0], veths.v4(0, "b")))
+            (tb,) = await nb.open(veths.b, ucast(veths.ifb[0], veths.v4(0, "a")))
+            assert not tb.quiet
+            assert any("quiet mode unavailable" in e for _, e in nb.errors), nb.errors
+            await until(lambda: datagram(b"routine", False) in [d for _, d in nb.got],
+                        every=lambda: ta.send(datagram(b"routine", False)))  # no drain(): it woke the reader
+        finally:
+            na.close()
+            nb.close()
+
+    run(body())
 
 
 @pytest.mark.root
@@ -327,6 +413,32 @@ def test_serial_pty_both_ways_and_recovers_after_socat_restart(socat, sig):
             await until(lambda: (tb.link.id, b"again") in nb.got, timeout=4, every=lambda: ta.send(b"again"))
             await until(lambda: (ta.link.id, b"back") in na.got, timeout=4, every=lambda: tb.send(b"back"))
             assert ta.stats["reopens"] >= 1 and tb.stats["reopens"] >= 1
+        finally:
+            na.close()
+            nb.close()
+
+    run(body())
+
+
+@pytest.mark.root
+def test_a_quiet_serial_line_waits_for_drain_and_says_its_frames_came_late(socat):
+    async def body():
+        na, nb = Node(), Node(quiet=True)
+        try:
+            (ta,) = await na.open(None, serial_link(socat.a))
+            (tb,) = await nb.open(None, serial_link(socat.b))
+            for tag in (b"one", b"two"):
+                ta.send(tag)
+            await asyncio.sleep(0.3)
+            assert nb.got == [] and not nb.errors, "a quiet line was read before drain(), or saw a hang-up"
+            tb.drain()
+            assert nb.when == [(b"one", None, True), (b"two", None, True)]
+            tb.drain()  # nothing waiting: a raw tty reads b"" then, which must not pass for a hang-up
+            assert not nb.errors and tb.stats["reopens"] == 0
+            tb.set_quiet(False)
+            nb.when.clear()
+            await until(lambda: nb.when, every=lambda: ta.send(b"three"))
+            assert nb.when[0] == (b"three", None, False)
         finally:
             na.close()
             nb.close()

@@ -275,3 +275,62 @@ def test_key_rotation_accepts_old_key_while_signing_with_new():
     c = FakeCluster(cfg)
     c.advance(1.0)
     assert c.status("alpha")["peers"]["bravo"]["alive"] and c.status("bravo")["peers"]["alpha"]["alive"]
+
+
+# --- quiet mode: arrival times and the news flag ------------------------------------------------
+
+def _beats(engine, now: float) -> list[A.Send]:
+    """The datagrams of the engine's next beat, due at `now` (give or take float rounding)."""
+    return [a for a in engine.handle(E.Tick(), max(now, engine.next_beat)).actions if isinstance(a, A.Send)]
+
+
+def _pair_after(seconds: float):
+    """alpha and bravo (no groups, no pings), fed each other's beats over both links every keepalive."""
+    from hastore.core.engine import Engine
+    alpha = Engine(make_config("alpha", groups=()), 1, 0.0)
+    bravo = Engine(make_config("bravo", groups=()), 2, 0.0)
+    now = 0.0
+    while now < seconds:
+        for src, dst in ((alpha, bravo), (bravo, alpha)):
+            for s in _beats(src, now):
+                dst.handle(E.PacketReceived(s.link, s.data), now + 0.001)
+        now += 0.2
+    return alpha, bravo, now
+
+
+def test_the_kernels_receive_time_not_the_reading_decides_when_the_peer_is_dead():
+    """A datagram read 150 ms after it came (drained on the beat timer) counts from when it came: the peer is
+    declared dead deadtime after that, not deadtime after the reading."""
+    alpha, bravo, now = _pair_after(2.0)
+    last = _beats(bravo, now)
+    came = now + 0.001
+    for s in last:  # the UDP copy with its stamp; the serial copy read late, its time unknown
+        late = s.link.startswith("serial")
+        alpha.handle(E.PacketReceived(s.link, s.data, None if late else came, late), now + 0.15)
+    assert alpha.membership.alive("bravo")
+    for link in LINKS:
+        assert alpha.membership.peers["bravo"].links[link].last_heard == came  # the serial copy: its twin's time
+    d = alpha.handle(E.Tick(), came + 0.999)
+    assert alpha.membership.alive("bravo"), d.reason
+    d = alpha.handle(E.Tick(), came + 1.0)
+    assert not alpha.membership.alive("bravo") and "no beat for 1000 ms" in d.reason, d.reason
+
+
+def test_a_late_frame_without_a_timed_copy_counts_from_its_reading():
+    """Over serial alone (UDP down) the time a frame came is not known: it counts from when it was read, which
+    is later than the truth, so the peer is never declared dead early."""
+    alpha, bravo, now = _pair_after(2.0)
+    serial = [s for s in _beats(bravo, now) if s.link.startswith("serial")]
+    alpha.handle(E.PacketReceived(serial[0].link, serial[0].data, None, True), now + 0.15)
+    assert alpha.membership.peers["bravo"].links[serial[0].link].last_heard == now + 0.15
+
+
+def test_only_news_is_flagged_as_news():
+    from hastore.core.wire import FLAG_NEWS, FLAGS_OFFSET
+    alpha, bravo, now = _pair_after(2.0)
+    routine = _beats(alpha, now)
+    assert routine and all(s.data[FLAGS_OFFSET] == 0 for s in routine)  # the same beat as the last one
+    alpha.handle(E.Shutdown(), now + 0.05)  # a beat that says "leaving", then a LEAVE: both are news
+    sent = [a for a in alpha.handle(E.Tick(), now + 0.2).actions if isinstance(a, A.Send)]
+    assert sent and all(s.data[FLAGS_OFFSET] & FLAG_NEWS for s in sent)
+    assert all(f[FLAGS_OFFSET] & FLAG_NEWS for f in alpha.farewell())

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from hastore.config.model import Auth, AuthAlgorithm, AuthKey
 from hastore.core.wire import (
+    FLAG_NEWS,
+    FLAGS_OFFSET,
     MAX_DATAGRAM,
     Message,
     MsgType,
@@ -111,7 +113,7 @@ MALFORMED_CASES = {
     "magic": b"XX" + GOOD[2:],
     "version": GOOD[:2] + b"\x02" + GOOD[3:],
     "type": GOOD[:3] + b"\x09" + GOOD[4:],
-    "flags": GOOD[:5] + b"\x01" + GOOD[6:],
+    "reserved flag": GOOD[:5] + b"\x02" + GOOD[6:],
     "trailing byte": GOOD + b"\0",
     "truncated MAC": GOOD[:-1],
     "src length": GOOD[:30] + b"\x40" + GOOD[31:],
@@ -127,6 +129,18 @@ MALFORMED_CASES = {
 @pytest.mark.parametrize("data", MALFORMED_CASES.values(), ids=MALFORMED_CASES.keys())
 def test_malformed(data: bytes) -> None:
     assert verifier().verify(data, "l").verdict is Verdict.MALFORMED
+
+
+def test_the_news_flag_is_signed_and_read_back() -> None:
+    from dataclasses import replace
+    news = sign(replace(beat(), news=True))
+    assert news[FLAGS_OFFSET] == FLAG_NEWS and GOOD[FLAGS_OFFSET] == 0
+    v = verifier().verify(news, "l")
+    assert v.verdict is Verdict.OK and v.message.news is True
+    assert verifier().verify(GOOD, "l").message.news is False
+    # set or cleared by someone on the way, it no longer matches the MAC
+    assert verifier().verify(GOOD[:5] + b"\x01" + GOOD[6:], "l").verdict is Verdict.BAD_MAC
+    assert verifier().verify(news[:5] + b"\x00" + news[6:], "l").verdict is Verdict.BAD_MAC
 
 
 @pytest.mark.parametrize("msg", [beat(src=ME), beat(src="stranger"), beat(dst="node3")])
