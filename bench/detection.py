@@ -7,7 +7,9 @@ line's socat stopped) and measures on bravo:
     fault arrived up to one keepalive earlier);
   - timer overshoot: the silence bravo measured when it declared alpha dead, minus deadtime (how late the
     engine's timer fired after the deadline; the target is <= 50 ms median).
-Then idle CPU (% of one core) and RSS of one daemon over --idle-seconds at the first profile.
+Then idle CPU (% of one core, from /proc/PID/schedstat), wakeups per second and RSS of one daemon over
+--idle-seconds at the first profile, its guard's CPU, and for scale what a bare asyncio loop that passes one
+datagram per keepalive costs on the same machine.
 
 Usage (root): python3 bench/detection.py [--trials 20] [--idle-seconds 60]
 """
@@ -19,6 +21,7 @@ import datetime as dt
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,9 +77,16 @@ def summary(values: list[float]) -> str:
             f"max {max(values):7.1f}  stdev {statistics.pstdev(values):6.1f}")
 
 
-def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
+def cpu_ns(pid: int) -> int:
+    """CPU time of a process's main thread in ns (/proc/PID/schedstat: finer than clock ticks)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
+def wakeups(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return -1
 
 
 def rss_kib(pid: int) -> int:
@@ -86,19 +96,66 @@ def rss_kib(pid: int) -> int:
     return -1
 
 
+def guard_of(pid: int) -> int | None:
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                argv = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"hastore.io.guard" in argv and b"--daemon-pid" in argv and \
+                    argv[argv.index(b"--daemon-pid") + 1] == str(pid).encode():
+                return int(p.name)
+    return None
+
+
+# What any Python asyncio program pays on this machine to wake once per keepalive and pass one datagram: the
+# floor under the daemon's figure.
+BASELINE = """
+import asyncio, socket, time
+from pathlib import Path
+def cpu(): return int(Path("/proc/self/schedstat").read_text().split()[0])
+async def main(seconds):
+    loop = asyncio.get_running_loop()
+    a, b = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    for s in (a, b):
+        s.bind(("127.0.0.1", 0)); s.setblocking(False)
+    def tick():
+        try:
+            a.recv(2048)
+        except BlockingIOError:
+            pass
+        b.sendto(bytes(110), a.getsockname())
+        loop.call_later(0.2, tick)
+    tick()
+    await asyncio.sleep(1)
+    t0, c0 = time.monotonic(), cpu()
+    await asyncio.sleep(seconds)
+    print((cpu() - c0) / 1e9 / (time.monotonic() - t0) * 100)
+asyncio.run(main(%f))
+"""
+
+
 def idle(pair: Pair, seconds: float) -> None:
     pid = pair.procs["alpha"].pid
     comm = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
     assert "hastore" in comm and "run" in comm, comm
-    hz = os.sysconf("SC_CLK_TCK")
-    t0, c0 = time.monotonic(), cpu_ticks(pid)
+    guard = guard_of(pid)
+    t0, c0, w0 = time.monotonic(), cpu_ns(pid), wakeups(pid)
+    g0 = cpu_ns(guard) if guard else 0
     peak = 0
     while time.monotonic() - t0 < seconds:
         time.sleep(1)
         peak = max(peak, rss_kib(pid))
-    cpu = (cpu_ticks(pid) - c0) / hz / (time.monotonic() - t0) * 100
+    elapsed = time.monotonic() - t0
+    cpu = (cpu_ns(pid) - c0) / 1e9 / elapsed * 100
+    wake = (wakeups(pid) - w0) / elapsed
+    gcpu = f"{(cpu_ns(guard) - g0) / 1e9 / elapsed * 100:.2f} %" if guard else "no guard"
+    base = subprocess.run([sys.executable, "-c", BASELINE % min(seconds, 30)], capture_output=True, text=True)
     print(f"idle over {seconds:.0f} s at keepalive 200 ms (ucast + serial + 1 ping node): "
-          f"CPU {cpu:.2f} % of one core, RSS {rss_kib(pid) / 1024:.1f} MiB (peak {peak / 1024:.1f} MiB)")
+          f"CPU {cpu:.2f} % of one core, {wake:.1f} wakeups/s, RSS {rss_kib(pid) / 1024:.1f} MiB "
+          f"(peak {peak / 1024:.1f} MiB); its guard {gcpu}; a bare asyncio loop passing one datagram per "
+          f"keepalive on this machine: {float(base.stdout or 'nan'):.2f} %")
 
 
 def main() -> int:
