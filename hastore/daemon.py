@@ -17,7 +17,7 @@ from pathlib import Path
 from dataclasses import replace
 
 from hastore.config import ConfigError, load
-from hastore.config.model import Config
+from hastore.config.model import Config, LinkKind
 from hastore.core import actions as A
 from hastore.core import events as E
 from hastore.core.engine import Engine, GroupState
@@ -103,9 +103,17 @@ class Daemon:
                 loop.remove_signal_handler(sig)
 
     async def _open_io(self) -> None:
+        # Links bound to the same address, port and interface would share one SO_REUSEPORT group, where the
+        # steering's socket indexes no longer mean this link's two sockets: those links wake for everything.
+        shared: dict[tuple, int] = {}
+        for link in self.config.links:
+            shared[_bind_key(link)] = shared.get(_bind_key(link), 0) + 1
+        shared = {k: n > 1 for k, n in shared.items()}
         for link in self.config.links:
             t = make_transport(link)
-            await t.open(self._on_packet, self._on_link_error, quiet=True)  # see hastore.io.transports
+            # quiet: see hastore.io.transports; news is handled like a tick without the beat (_on_wake)
+            await t.open(self._on_packet, self._on_link_error, quiet=not shared.get(_bind_key(link)),
+                         on_wake=self._on_wake)
             self.transports[link.id] = t
         # Drained on the beat timer in this order: the UDP links first, whose datagrams carry the kernel's time, so
         # that a serial frame read late finds the time its copy came over UDP (Engine._arrival).
@@ -159,9 +167,11 @@ class Daemon:
             self.control.close()
 
     # -- the loop -------------------------------------------------------------------------------
-    def feed(self, event: E.Event) -> None:
+    def feed(self, event: E.Event, drained: bool = False) -> None:
         if self.finished is None or self.finished.done():
             return
+        if not self.batch and not drained:
+            self._drain_all()  # decide on every beat that has come, not only on those the last tick read
         loop = asyncio.get_running_loop()
         if not self._guard_ok(loop.time()):
             return
@@ -200,18 +210,39 @@ class Daemon:
 
     def _on_timer(self) -> None:
         self.timer = None  # fired: whatever comes next must arm a new one
-        self.batch = True  # what the drains feed re-arms nothing: the Tick below does, once
         try:
-            for t in self.drain_order:
-                t.drain()
+            self._drain_all(tick=True)
             self._quiet_serial()
             if self.pinger is not None:
-                for address in self.pinger.drain():
-                    for name in self.ping_names.get(address, ()):
-                        self.feed(E.PingReply(name))
+                self.batch = True
+                try:
+                    for address in self.pinger.drain():
+                        for name in self.ping_names.get(address, ()):
+                            self.feed(E.PingReply(name))
+                finally:
+                    self.batch = False
+        finally:
+            self.feed(E.Tick(), drained=True)  # whatever went wrong above, the next beat and timer must come
+
+    def _drain_all(self, tick: bool = False) -> None:
+        """Feed what every link holds, UDP first (see drain_order). What these packets decide re-arms nothing
+        (batch): the caller re-arms once."""
+        self.batch = True
+        try:
+            for t in self.drain_order:
+                try:
+                    t.drain(tick)
+                except Exception as e:  # noqa: BLE001 - one link's trouble must not stop the beat
+                    self.log.error("link-trouble", link=t.link.id, detail=f"reading failed: {e!r}")
         finally:
             self.batch = False
-        self.feed(E.Tick())
+
+    def _on_wake(self) -> None:
+        """News on a quiet link: read every link (in arrival order per link) and decide, as a tick would."""
+        if self.finished is None or self.finished.done():
+            return
+        self._drain_all()
+        self._rearm(asyncio.get_running_loop())
 
     def _execute(self, a: A.Action) -> None:
         if isinstance(a, A.Send):
@@ -423,6 +454,14 @@ class Daemon:
             self.log.warning("config", detail=w)
         self.feed(E.Reload(new))
         return {"ok": True, "detail": "configuration reloaded"}
+
+
+def _bind_key(link) -> tuple:
+    """What a UDP link's socket is bound to (multicast binds the group; ucast and bcast the wildcard)."""
+    if link.kind is LinkKind.SERIAL:
+        return ("serial", link.id)
+    group = link.address.split("%")[0] if link.kind is LinkKind.MCAST else ""
+    return (link.interface, link.port, group)
 
 
 def _resource_d(config: Config) -> Path | None:

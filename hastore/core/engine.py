@@ -96,7 +96,7 @@ class Engine:
         self.leaving = False
         self.exit_at: float | None = None
         self.unechoed = 0
-        self.first_heard: dict[str, tuple[int, float]] = {}  # per peer: (seq, arrival) of its newest message
+        self.first_heard: dict[str, tuple[int, int, float]] = {}  # per peer: generation, seq, arrival of its newest
         self.last_beat_body: dict | None = None  # what our previous beat said (a beat saying the same is no news)
         self.reported: set[tuple[str, str]] = set()  # one-shot notices, cleared when the condition ends
         self.now = now
@@ -209,11 +209,9 @@ class Engine:
         arrival = now if ev.at is None else min(ev.at, now)
         if verdict is Verdict.OK:
             if not ev.late:
-                self.first_heard[msg.src] = (msg.seq, arrival)
-        elif ev.late and msg.src in self.first_heard:
-            seq, when = self.first_heard[msg.src]
-            if msg.seq <= seq:
-                arrival = when
+                self.first_heard[msg.src] = (msg.generation, msg.seq, arrival)
+        elif ev.late and self.first_heard.get(msg.src, (None, None, None))[:2] == (msg.generation, msg.seq):
+            arrival = self.first_heard[msg.src][2]  # its own copy; an older frame keeps "now" (later: safe)
         return arrival
 
     def _dispatch(self, msg: Message, info: PeerInfo, now: float, out: list, why: list) -> bool:

@@ -56,6 +56,9 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
 _TIMESPEC = struct.Struct("@qq")
 UDP_HEADER = 8  # a socket filter on a UDP socket sees the UDP header first; a SO_REUSEPORT program, the payload
+READ_BATCH = 1024  # datagrams read from one socket in one go
+QUIET_RCVBUF = 4 << 20  # bytes of receive buffer for a quiet socket
+FLOOD_PER_TICK = 16  # routine datagrams per beat tick past which a quiet socket is watched (normal: 1 or 2)
 
 
 class TransportError(Exception):
@@ -72,7 +75,10 @@ class Transport:
         self._on_error: OnError | None = None
         self._reported: set[str] = set()
 
-    async def open(self, on_packet: OnPacket, on_error: OnError, quiet: bool = False) -> None:
+    async def open(self, on_packet: OnPacket, on_error: OnError, quiet: bool = False,
+                   on_wake: Callable[[], None] | None = None) -> None:
+        """quiet: see the module's docstring. on_wake: called instead of drain() when news arrives, so that the
+        daemon can drain every link first (in quiet mode a decision must not see liveness as of the last tick)."""
         raise NotImplementedError
 
     def send(self, data: bytes) -> None:
@@ -86,8 +92,9 @@ class Transport:
         when that needs this transport itself."""
         return None
 
-    def drain(self) -> None:
-        """Deliver whatever waits to be read (quiet mode: the daemon calls this on its beat timer)."""
+    def drain(self, tick: bool = False) -> None:
+        """Deliver whatever waits to be read (quiet mode: the daemon calls this on its beat timer, tick=True, and
+        before any other decision)."""
 
     def _deliver(self, data: bytes, at: float | None = None, late: bool = False) -> None:
         self.stats["received"] += 1
@@ -128,7 +135,7 @@ def _describe(exc: OSError) -> str:
 
 # Classic BPF (linux/filter.h): (code, jt, jf, k)
 _LD_LEN, _LDB_ABS, _AND_K, _JSET_K, _RET_K, _RET_A = 0x80, 0x30, 0x54, 0x45, 0x06, 0x16
-_ACCEPT = 0xFFFF
+_ACCEPT = 0xFFFFFFFF  # keep the whole datagram
 
 
 def _news_program(base: int, news: bool | None) -> list[tuple[int, int, int, int]]:
@@ -150,6 +157,17 @@ def _attach(sock: socket.socket, option: int, program: list[tuple[int, int, int,
     sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@HP", len(program), ctypes.addressof(code)))
 
 
+def _big_receive_buffer(sock: socket.socket) -> None:
+    """Room for a keepalive's worth of junk (a flood needs no key) without the kernel dropping the beat behind it:
+    the default (~200 KB) holds about 250 datagrams. Beyond rmem_max with CAP_NET_ADMIN, else as far as allowed."""
+    for option in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, QUIET_RCVBUF)
+            return
+        except OSError:
+            continue
+
+
 def _stamp(ancillary: list) -> float | None:
     """The kernel's receive time (CLOCK_REALTIME seconds) from recvmsg's ancillary data, if there."""
     for level, kind, data in ancillary:
@@ -169,15 +187,20 @@ class UdpTransport(Transport):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ifindex = 0
         self._family = socket.AF_INET
-        self._joined = True
+        self._unjoined: list[socket.socket] = []  # sockets whose multicast join failed: retried on each send
+        self._since_tick = 0  # routine datagrams read since the beat timer's last drain
+        self._flooded = False  # the quiet socket is watched too, while more than FLOOD_PER_TICK come per tick
+        self._on_wake: Callable[[], None] | None = None
+        self._emptied_at = 0.0  # loop time of the last drain, which empties both sockets
 
     @property
     def quiet(self) -> bool:
         return self._news is not None
 
-    async def open(self, on_packet: OnPacket, on_error: OnError, quiet: bool = False) -> None:
+    async def open(self, on_packet: OnPacket, on_error: OnError, quiet: bool = False,
+                   on_wake: Callable[[], None] | None = None) -> None:
         link = self.link
-        self._on_packet, self._on_error = on_packet, on_error
+        self._on_packet, self._on_error, self._on_wake = on_packet, on_error, on_wake
         if not link.interface:
             raise TransportError(f"{link.id}: no interface configured")
         try:
@@ -197,7 +220,11 @@ class UdpTransport(Transport):
         self._loop = asyncio.get_running_loop()
         if quiet:
             self._news = self._open_news(sock)
-        self._loop.add_reader((self._news or sock).fileno(), self.drain)
+        self._emptied_at = self._loop.time()
+        self._loop.add_reader((self._news or sock).fileno(), self._wake)
+
+    def _wake(self) -> None:
+        (self._on_wake or self.drain)()
 
     def _open_news(self, quiet: socket.socket) -> socket.socket | None:
         """The second socket of quiet mode and the kernel's steering; None (and `quiet` back to a plain socket
@@ -209,6 +236,7 @@ class UdpTransport(Transport):
             for s, keep in ((quiet, False), (news, True)):
                 s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
                 _attach(s, SO_ATTACH_FILTER, _news_program(UDP_HEADER, keep))
+            _big_receive_buffer(quiet)
             _attach(quiet, SO_ATTACH_REUSEPORT_CBPF, _news_program(0, None))
         except OSError as exc:
             news.close()
@@ -281,13 +309,13 @@ class UdpTransport(Transport):
                 mreqn = struct.pack("4s4si", socket.inet_aton(group), bytes(4), self._ifindex)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:  # already a member
-                self._joined = True
+            if exc.errno != errno.EADDRINUSE:  # EADDRINUSE: already a member
+                if sock not in self._unjoined:
+                    self._unjoined.append(sock)
+                self._report(f"cannot join multicast group {group} on {self.link.interface}: {_describe(exc)}")
                 return
-            self._joined = False
-            self._report(f"cannot join multicast group {group} on {self.link.interface}: {_describe(exc)}")
-            return
-        self._joined = True
+        if sock in self._unjoined:
+            self._unjoined.remove(sock)
 
     def _sockaddr(self, host: str) -> tuple:
         if self._family == socket.AF_INET6:
@@ -318,27 +346,48 @@ class UdpTransport(Transport):
             return None
         return {"family": int(self._family), "interface": self.link.interface, "dest": list(dest)}
 
-    def drain(self) -> None:
+    def drain(self, tick: bool = False) -> None:
         """Deliver what both sockets hold, in the order the kernel received it (so that the verifier's replay
-        marks see a news message and the routine beats around it in sequence)."""
+        marks see a news message and the routine beats around it in sequence). A flood at the port (junk needs
+        no key to get here) must not leave beats unread in the quiet socket, or make the kernel drop them: past
+        FLOOD_PER_TICK routine datagrams between two beat ticks, the quiet socket is watched like the other."""
         if self._sock is None:
             return
         if self._news is None:
             for data, _ in self._read(self._sock, stamped=False):
                 self._deliver(data)
             return
-        got = self._read(self._sock, stamped=True) + self._read(self._news, stamped=True)
+        routine = self._read(self._sock, stamped=True)
+        got = routine + self._read(self._news, stamped=True)
+        self._since_tick += len(routine)
+        if tick:
+            self._watch_quiet(self._since_tick > FLOOD_PER_TICK)
+            self._since_tick = 0
+        now = self._loop.time()
+        emptied, self._emptied_at = self._emptied_at, now
         if not got:
             return
-        got.sort(key=lambda d: d[1] or 0.0)
-        now = self._loop.time()
+        got.sort(key=lambda d: (d[1] is None, d[1] or 0.0))
         offset = time.time() - now  # CLOCK_REALTIME - the loop's clock, for the kernel's stamps
         for data, stamp in got:
-            self._deliver(data, None if stamp is None else min(now, stamp - offset))
+            # It came after the last time these sockets were emptied and before now, whatever the real-time
+            # clock did meanwhile (a step would move every stamp).
+            self._deliver(data, None if stamp is None else min(now, max(emptied, stamp - offset)))
+
+    def _watch_quiet(self, on: bool) -> None:
+        if on == self._flooded or self._sock is None:
+            return
+        self._flooded = on
+        if on:
+            self._loop.add_reader(self._sock.fileno(), self._wake)
+            self._report(f"more than {FLOOD_PER_TICK} routine datagrams in a keepalive (a flood?): reading them "
+                         f"as they come")
+        else:
+            self._loop.remove_reader(self._sock.fileno())
 
     def _read(self, sock: socket.socket, stamped: bool) -> list[tuple[bytes, float | None]]:
         got = []
-        for _ in range(64):  # bounded so one busy link cannot starve the loop
+        for _ in range(READ_BATCH):  # until the socket is empty; bounded so one busy link cannot starve the loop
             try:
                 if stamped:
                     data, ancillary, _flags, _addr = sock.recvmsg(RECV_SIZE, socket.CMSG_SPACE(_TIMESPEC.size))
@@ -358,8 +407,8 @@ class UdpTransport(Transport):
         if sock is None:
             self._send_failed("transport is not open")
             return
-        if not self._joined:
-            self._join(sock)
+        for unjoined in list(self._unjoined):  # each socket of the link, the watched one included
+            self._join(unjoined)
         try:
             sock.sendto(data, self._destination())
         except OSError as exc:
@@ -373,6 +422,9 @@ class UdpTransport(Transport):
             return
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader((news or sock).fileno())
+            if self._flooded:
+                self._loop.remove_reader(sock.fileno())
+        self._flooded = False
         sock.close()
         if news is not None:
             news.close()
@@ -403,8 +455,9 @@ class SerialTransport(Transport):
         self._closed = False
         self.quiet = False  # read only by drain(), not watched by the loop
 
-    async def open(self, on_packet: OnPacket, on_error: OnError, quiet: bool = False) -> None:
-        link = self.link
+    async def open(self, on_packet: OnPacket, on_error: OnError, quiet: bool = False,
+                   on_wake: Callable[[], None] | None = None) -> None:
+        link = self.link  # on_wake is not needed: a frame read as it comes is delivered at once
         self._on_packet, self._on_error = on_packet, on_error
         self._loop = asyncio.get_running_loop()
         self.quiet = quiet
@@ -445,13 +498,15 @@ class SerialTransport(Transport):
             else:
                 self._loop.add_reader(self._fd, self._readable)  # level-triggered: what waits is read at once
 
-    def drain(self) -> None:
+    def drain(self, tick: bool = False) -> None:
         if not self.quiet or self._fd is None:
             return
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
         for _ in range(16):  # bounded; a line at 115200 baud brings ~2.3 KB per keepalive of 200 ms
             # A raw tty (VMIN=0) reads b"" when it has nothing, as it does on hang-up: read only what poll says is
             # there (or a hang-up), as the loop's reader would.
-            if not select.select([self._fd], [], [], 0)[0] or not self._readable(late=True):
+            if not poller.poll(0) or not self._readable(late=True):
                 return
 
     async def _poll(self) -> None:

@@ -109,6 +109,7 @@ def test_sigkill_of_the_daemon_the_guard_stops_its_resources_before_the_peer_tak
         wait_for(pair, pair.b, lambda s: owner(s) == pair.b, timeout=5, interval=0.02)
         took_over = time.monotonic() - t0
         assert flag(pair, pair.b).exists() and not flag(pair, pair.a).exists()
+        time.sleep(0.3)  # and go on sampling a while after the takeover (it may take only a few samples)
     assert sampler.both == [] and sampler.samples > 10
     lines = guard_lines(pair, pair.a)
     pid = pair.procs[pair.a].pid

@@ -222,6 +222,41 @@ def test_quiet_mode_wakes_for_news_only_and_stamps_the_rest(veths, kind):
 
 
 @pytest.mark.root
+def test_a_flood_of_routine_datagrams_is_read_to_the_end_and_then_as_it_comes(veths):
+    """Junk needs no key to reach the port. Whatever a tick finds is read to the last datagram (the beat behind
+    the junk included); past FLOOD_PER_TICK in a keepalive the quiet socket is watched until a tick is calm."""
+    from hastore.io.transports import FLOOD_PER_TICK
+
+    async def body():
+        na, nb = Node(), Node(quiet=True)
+        try:
+            (ta,) = await na.open(veths.a, ucast(veths.ifa[0], veths.v4(0, "b")))
+            (tb,) = await nb.open(veths.b, ucast(veths.ifb[0], veths.v4(0, "a")))
+            await until(lambda: nb.got, every=lambda: ta.send(datagram(b"hello", True)))
+            nb.got.clear()
+            for i in range(300):
+                ta.send(datagram(b"junk%d" % i, False))
+            ta.send(datagram(b"beat", False))
+            await asyncio.sleep(0.2)
+            tb.drain(tick=True)
+            assert len(nb.got) == 301 and nb.got[-1][1] == datagram(b"beat", False)
+            assert any("flood" in e for _, e in nb.errors), nb.errors
+            nb.got.clear()
+            await until(lambda: nb.got, every=lambda: ta.send(datagram(b"routine", False)))  # watched: no drain
+            await asyncio.sleep(0.1)
+            tb.drain(tick=True)  # a calm keepalive (a few datagrams): quiet again
+            nb.got.clear()
+            ta.send(datagram(b"later", False))
+            await asyncio.sleep(0.3)
+            assert nb.got == [] and FLOOD_PER_TICK > 2
+        finally:
+            na.close()
+            nb.close()
+
+    run(body())
+
+
+@pytest.mark.root
 def test_where_the_kernel_refuses_steering_a_quiet_link_falls_back_to_waking_for_everything(veths, monkeypatch):
     import hastore.io.transports as tr
     real = tr._attach
