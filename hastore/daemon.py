@@ -80,6 +80,7 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.finished = loop.create_future()
+        self.state.lock()
         generation = self.state.next_generation()
         self.engine = Engine(self.config, generation, loop.time(), self.state.load_floors())
         try:

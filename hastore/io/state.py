@@ -6,6 +6,7 @@ It is max(stored + 1, wall-clock seconds): it still grows if the state directory
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -33,12 +34,33 @@ def _write_atomically(path: Path, text: str) -> None:
 class StateStore:
     def __init__(self, directory: str):
         self.dir = Path(directory)
+        self._lock_fd: int | None = None  # held open while the daemon runs (see lock)
 
     def _prepare(self) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
             raise StateError(f"state directory {self.dir}: {e.strerror}") from e
+
+    def lock(self) -> None:
+        """Take this state directory for the life of the process (flock, released at exit or exec). A second
+        daemon on the same configuration stops here, before it bumps the generation or binds a socket (its UDP
+        sockets would otherwise join the first one's SO_REUSEPORT groups)."""
+        self._prepare()
+        path = self.dir / "daemon.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StateError(f"{path}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateError(f"another hastore daemon (pid {holder}) runs with state directory {self.dir}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     def next_generation(self) -> int:
         """Read, increment and durably store our generation before we send a single beat."""

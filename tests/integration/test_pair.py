@@ -132,6 +132,19 @@ def test_garbage_at_the_heartbeat_port_is_counted_and_changes_nothing(pair):
     assert group_owner(s) == "alpha"
 
 
+def test_a_second_daemon_on_the_same_state_directory_stops_before_touching_anything(pair):
+    from hastore.lab.pair import _env
+    args = list(pair.procs["alpha"].args)
+    argv = [*hastore_argv(), *args[args.index("run"):]]
+    before = pair.status("alpha")
+    r = pair.lab.nodes["alpha"].run(argv, env=_env(), timeout=30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"another hastore daemon (pid {pair.procs['alpha'].pid}) runs with state directory" in r.stdout + r.stderr
+    after = pair.status("alpha")
+    assert after["generation"] == before["generation"] and pair.procs["alpha"].poll() is None
+    assert after["peers"]["bravo"]["alive"] and group_owner(after) == group_owner(before)
+
+
 def test_status_without_a_daemon_says_so(lab):
     r = lab.nodes["alpha"].run([*hastore_argv(), "status"])
     assert r.returncode == 1
