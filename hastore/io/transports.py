@@ -134,7 +134,7 @@ def _describe(exc: OSError) -> str:
 
 
 # Classic BPF (linux/filter.h): (code, jt, jf, k)
-_LD_LEN, _LDB_ABS, _AND_K, _JSET_K, _RET_K, _RET_A = 0x80, 0x30, 0x54, 0x45, 0x06, 0x16
+_LD_LEN, _LDB_ABS, _AND_K, _JGE_K, _JSET_K, _RET_K, _RET_A = 0x80, 0x30, 0x54, 0x35, 0x45, 0x06, 0x16
 _ACCEPT = 0xFFFFFFFF  # keep the whole datagram
 
 
@@ -144,10 +144,10 @@ def _news_program(base: int, news: bool | None) -> list[tuple[int, int, int, int
     datagram too short to have the flags byte is not news (garbage still reaches the verifier, and its counters)."""
     off = base + FLAGS_OFFSET
     if news is None:
-        return [(_LD_LEN, 0, 0, 0), (0x35, 0, 3, off + 1),  # jge len, off+1 ? next : ret 0
+        return [(_LD_LEN, 0, 0, 0), (_JGE_K, 0, 3, off + 1),  # len >= off+1 ? next : ret 0
                 (_LDB_ABS, 0, 0, off), (_AND_K, 0, 0, FLAG_NEWS), (_RET_A, 0, 0, 0), (_RET_K, 0, 0, 0)]
     keep_news, keep_rest = (_ACCEPT, 0) if news else (0, _ACCEPT)
-    return [(_LD_LEN, 0, 0, 0), (0x35, 1, 0, off + 1), (_RET_K, 0, 0, keep_rest),
+    return [(_LD_LEN, 0, 0, 0), (_JGE_K, 1, 0, off + 1), (_RET_K, 0, 0, keep_rest),
             (_LDB_ABS, 0, 0, off), (_JSET_K, 0, 1, FLAG_NEWS), (_RET_K, 0, 0, keep_news), (_RET_K, 0, 0, keep_rest)]
 
 
