@@ -40,7 +40,7 @@ import os
 import stat
 import struct
 import zlib
-from dataclasses import dataclass, replace
+from collections import namedtuple  # not dataclasses: an agent runs per call, and that import costs ~20 ms
 
 BLOCK = 4096
 MAGIC = b"HSLEASE1"
@@ -56,15 +56,15 @@ class LeaseFormatError(ValueError):
     """A value cannot be stored in a lease record (name too long, counter out of range...)."""
 
 
-@dataclass(frozen=True)
-class Record:
-    owner: str
-    generation: int
-    counter: int
-    lease_ms: int
-    renew_ms: int
-    nonce: bytes
-    released: bool = False
+class Record(namedtuple("Record", "owner generation counter lease_ms renew_ms nonce released", defaults=(False,))):
+    # owner: str
+    # generation: int
+    # counter: int
+    # lease_ms: int
+    # renew_ms: int
+    # nonce: bytes
+    # released: bool = False
+    __slots__ = ()
 
     def encode(self) -> bytes:
         name = self.owner.encode()
@@ -81,10 +81,10 @@ class Record:
         return body + bytes(BLOCK - len(body))
 
     def renewed(self) -> Record:
-        return replace(self, counter=self.counter + 1)
+        return self._replace(counter=self.counter + 1)
 
     def release(self) -> Record:
-        return replace(self, counter=self.counter + 1, released=True)
+        return self._replace(counter=self.counter + 1, released=True)
 
     def describe(self) -> str:
         what = "released by" if self.released else "held by"
@@ -94,13 +94,13 @@ class Record:
 EMPTY, RECORD, CORRUPT, FOREIGN = "empty", "record", "corrupt", "foreign"
 
 
-@dataclass(frozen=True)
-class Block:
+class Block(namedtuple("Block", "kind raw record detail", defaults=(None, "",))):
     """One read of the lease area: what kind of content it holds and the exact bytes (for change detection)."""
-    kind: str
-    raw: bytes
-    record: Record | None = None
-    detail: str = ""
+    # kind: str
+    # raw: bytes
+    # record: Record | None = None
+    # detail: str = ""
+    __slots__ = ()
 
     @property
     def free(self) -> bool:
@@ -144,11 +144,11 @@ def decode(raw: bytes) -> Block:
 FREE, HELD_BY_OTHER, WATCH, OURS, REFUSE = "free", "held", "watch", "ours", "refuse"
 
 
-@dataclass(frozen=True)
-class Verdict:
-    kind: str          # free | held | watch | ours | refuse
-    reason: str
-    until: float | None = None   # for watch: the monotonic time at which a static block means "expired"
+class Verdict(namedtuple("Verdict", "kind reason until", defaults=(None,))):
+    # kind: str  -- free | held | watch | ours | refuse
+    # reason: str
+    # until: float | None = None  -- for watch: the monotonic time at which a static block means "expired"
+    __slots__ = ()
 
 
 def first_look(block: Block, me: str) -> Verdict:

@@ -19,7 +19,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from collections import namedtuple  # not dataclasses: an agent runs per call, and that import costs ~20 ms
 
 from hastore.agentlib.ocf import ERR_CONFIGURED, AgentError
 from hastore.agentlib.rtnl import Rtnl
@@ -36,13 +36,13 @@ NA_FLAG_OVERRIDE = 0x20000000
 ALL_NODES = "ff02::1"
 
 
-@dataclass(frozen=True)
-class VipSpec:
-    address: IPAddress
-    prefixlen: int | None     # None: take it from the subnet the address falls in (or a host prefix)
-    nic: str                  # "" : the interface whose subnet contains the address
-    label: str                # IPv4 only; "" for none, else a suffix or "nic:suffix"
-    broadcast: IPAddress | None
+class VipSpec(namedtuple("VipSpec", "address prefixlen nic label broadcast")):
+    # address: IPAddress
+    # prefixlen: int | None  -- None: take it from the subnet the address falls in (or a host prefix)
+    # nic: str  -- "" : the interface whose subnet contains the address
+    # label: str  -- IPv4 only; "" for none, else a suffix or "nic:suffix"
+    # broadcast: IPAddress | None
+    __slots__ = ()
 
     @property
     def version(self) -> int:
@@ -143,21 +143,21 @@ def iproute() -> Rtnl:
     return Rtnl()
 
 
-@dataclass(frozen=True)
-class Link:
-    index: int
-    name: str
-    mac: bytes          # b"" when the link has no hardware address
-    noarp: bool
+class Link(namedtuple("Link", "index name mac noarp")):
+    # index: int
+    # name: str
+    # mac: bytes  -- b"" when the link has no hardware address
+    # noarp: bool
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Assigned:
-    index: int
-    address: IPAddress
-    prefixlen: int
-    flags: int
-    label: str | None
+class Assigned(namedtuple("Assigned", "index address prefixlen flags label")):
+    # index: int
+    # address: IPAddress
+    # prefixlen: int
+    # flags: int
+    # label: str | None
+    __slots__ = ()
 
 
 def link_by_name(ipr: Rtnl, name: str) -> Link | None:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import namedtuple  # not dataclasses: an agent runs per call, and that import costs ~20 ms
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 
 def escape(text: str, quote: bool = False) -> str:
@@ -57,25 +57,22 @@ class AgentError(Exception):
         self.code = code
 
 
-@dataclass(frozen=True)
-class Param:
-    name: str
-    description: str
-    required: bool = False
-    default: str | None = None
-    unique: bool = False
-    type: str = "string"
+class Param(namedtuple("Param", "name description required default unique type",
+                       defaults=(False, None, False, "string"))):
+    # name: str, description: str, required: bool, default: str | None, unique: bool, type: str (OCF content type)
+    __slots__ = ()
 
 
-@dataclass
 class Agent:
-    name: str
-    description: str
-    params: list[Param] = field(default_factory=list)
-    timeouts: dict[str, int] = field(default_factory=lambda: {"start": 20, "stop": 20, "monitor": 20})
-    monitor_interval: int = 10
-    version: str = "1.0"
-    actions: dict[str, Callable[[dict], int]] = field(default_factory=dict)
+    def __init__(self, name: str, description: str, params: list[Param] | None = None,
+                 timeouts: dict[str, int] | None = None, monitor_interval: int = 10, version: str = "1.0") -> None:
+        self.name = name
+        self.description = description
+        self.params: list[Param] = list(params or [])
+        self.timeouts: dict[str, int] = dict(timeouts or {"start": 20, "stop": 20, "monitor": 20})
+        self.monitor_interval = monitor_interval
+        self.version = version
+        self.actions: dict[str, Callable[[dict], int]] = {}
 
     def action(self, name: str):
         def register(fn: Callable[[dict], int]) -> Callable[[dict], int]:

@@ -19,20 +19,20 @@ import select
 import signal
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections import namedtuple  # not dataclasses: an agent runs per call, and that import costs ~20 ms
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
 
-@dataclass(frozen=True)
-class Mount:
-    mount_id: int
-    parent_id: int
-    dev: int            # os.makedev(major, minor): the st_dev of files on it
-    root: str           # the part of the filesystem mounted here ("/" unless a bind of a subtree)
-    mount_point: str
-    fstype: str
-    source: str
+class Mount(namedtuple("Mount", "mount_id parent_id dev root mount_point fstype source")):
+    # mount_id: int
+    # parent_id: int
+    # dev: int  -- os.makedev(major, minor): the st_dev of files on it
+    # root: str  -- the part of the filesystem mounted here ("/" unless a bind of a subtree)
+    # mount_point: str
+    # fstype: str
+    # source: str
+    __slots__ = ()
 
 
 def _unescape(field: str) -> str:
@@ -184,11 +184,11 @@ def _ancestors() -> set[int]:
     return pids | {1}
 
 
-@dataclass(frozen=True)
-class _Scope:
-    paths: tuple[str, ...]
-    devs: frozenset[int]
-    mount_ids: frozenset[int]
+class _Scope(namedtuple("_Scope", "paths devs mount_ids")):
+    # paths: tuple[str, ...]
+    # devs: frozenset[int]
+    # mount_ids: frozenset[int]
+    __slots__ = ()
 
     @classmethod
     def of(cls, mounts: Iterable[Mount]) -> _Scope:
