@@ -96,19 +96,6 @@ def rss_kib(pid: int) -> int:
     return -1
 
 
-def guard_of(pid: int) -> int | None:
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                argv = (p / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"hastore.io.guard" in argv and b"--daemon-pid" in argv and \
-                    argv[argv.index(b"--daemon-pid") + 1] == str(pid).encode():
-                return int(p.name)
-    return None
-
-
 # What any Python asyncio program pays on this machine to wake once per keepalive and pass one datagram: the
 # floor under the daemon's figure.
 BASELINE = """
@@ -140,7 +127,7 @@ def idle(pair: Pair, seconds: float) -> None:
     pid = pair.procs["alpha"].pid
     comm = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
     assert "hastore" in comm and "run" in comm, comm
-    guard = guard_of(pid)
+    guard = ((pair.status("alpha") or {}).get("guard") or {}).get("pid")
     t0, c0, w0 = time.monotonic(), cpu_ns(pid), wakeups(pid)
     g0 = cpu_ns(guard) if guard else 0
     peak = 0

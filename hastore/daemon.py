@@ -7,14 +7,16 @@ It feeds events to the engine, executes the actions it returns, and re-arms one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
 import socket
 import sys
 import time
-from pathlib import Path
+from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 from hastore.config import ConfigError, load
 from hastore.config.model import Config, LinkKind
@@ -106,14 +108,11 @@ class Daemon:
     async def _open_io(self) -> None:
         # Links bound to the same address, port and interface would share one SO_REUSEPORT group, where the
         # steering's socket indexes no longer mean this link's two sockets: those links wake for everything.
-        shared: dict[tuple, int] = {}
-        for link in self.config.links:
-            shared[_bind_key(link)] = shared.get(_bind_key(link), 0) + 1
-        shared = {k: n > 1 for k, n in shared.items()}
+        bound = Counter(_bind_key(link) for link in self.config.links)
         for link in self.config.links:
             t = make_transport(link)
             # quiet: see hastore.io.transports; news is handled like a tick without the beat (_on_wake)
-            await t.open(self._on_packet, self._on_link_error, quiet=not shared.get(_bind_key(link)),
+            await t.open(self._on_packet, self._on_link_error, quiet=bound[_bind_key(link)] == 1,
                          on_wake=self._on_wake)
             self.transports[link.id] = t
         # Drained on the beat timer in this order: the UDP links first, whose datagrams carry the kernel's time, so
@@ -215,26 +214,29 @@ class Daemon:
             self._drain_all(tick=True)
             self._quiet_serial()
             if self.pinger is not None:
-                self.batch = True
-                try:
+                with self._batched():
                     for address in self.pinger.drain():
                         for name in self.ping_names.get(address, ()):
                             self.feed(E.PingReply(name))
-                finally:
-                    self.batch = False
         finally:
             self.feed(E.Tick(), drained=True)  # whatever went wrong above, the next beat and timer must come
 
     def _drain_all(self, tick: bool = False) -> None:
         """Feed what every link holds, UDP first (see drain_order). What these packets decide re-arms nothing
         (batch): the caller re-arms once."""
-        self.batch = True
-        try:
+        with self._batched():
             for t in self.drain_order:
                 try:
                     t.drain(tick)
                 except Exception as e:  # noqa: BLE001 - one link's trouble must not stop the beat
                     self.log.error("link-trouble", link=t.link.id, detail=f"reading failed: {e!r}")
+
+    @contextlib.contextmanager
+    def _batched(self):
+        """Feeds inside re-arm no timer (see feed) and drain nothing first: they are part of one pass."""
+        self.batch = True
+        try:
+            yield
         finally:
             self.batch = False
 

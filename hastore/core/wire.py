@@ -197,7 +197,7 @@ def _parse(data: bytes) -> _Parsed:
         raise _Malformed(f"bad magic {magic!r}")
     if version != VERSION:
         raise _Malformed(f"version {version}, we speak {VERSION}")
-    if flags & ~_KNOWN_FLAGS:  # reserved: nothing defines them yet, so a set bit is damage, not a feature
+    if flags & ~_KNOWN_FLAGS:  # the other bits are reserved: a set one is damage, not a feature
         raise _Malformed(f"reserved flags {flags & ~_KNOWN_FLAGS:#04x} set")
     if type_ not in MsgType._value2member_map_:
         raise _Malformed(f"unknown type {type_}")

@@ -51,6 +51,7 @@ SERIAL_QUEUE_FRAMES = 16  # outgoing frames kept while the line is slow; the old
 SERIAL_RETRY_S = 1.0
 SERIAL_POLL_S = 0.02  # read interval for ports without a file descriptor (loop://)
 SO_ATTACH_FILTER = 26
+SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)
 SO_ATTACH_REUSEPORT_CBPF = 51
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
@@ -178,7 +179,7 @@ def _stamp(ancillary: list) -> float | None:
 
 
 class UdpTransport(Transport):
-    """ucast, bcast and mcast over one UDP socket bound to the link's port and interface."""
+    """ucast, bcast and mcast over one UDP socket bound to the link's port and interface (two in quiet mode)."""
 
     def __init__(self, link: Link) -> None:
         super().__init__(link)
@@ -241,8 +242,7 @@ class UdpTransport(Transport):
         except OSError as exc:
             news.close()
             try:
-                quiet.setsockopt(socket.SOL_SOCKET, socket.SO_DETACH_FILTER if hasattr(socket, "SO_DETACH_FILTER")
-                                 else 27, 0)
+                quiet.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
             except OSError:
                 pass
             self._report(f"quiet mode unavailable ({_describe(exc)}): every datagram wakes the daemon")
