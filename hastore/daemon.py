@@ -29,7 +29,8 @@ from hastore.io.control import ControlError, ControlServer
 from hastore.io.guard import HANDOVER_ENV, RESTART_GRACE_MS, GuardClient, GuardError
 from hastore.io.pinger import Pinger
 from hastore.io.state import StateError, StateStore
-from hastore.io.transports import SerialTransport, Transport, TransportError, UdpTransport, make_transport
+from hastore.io.transports import (SerialTransport, Transport, TransportError, UdpTransport, claim_port,
+                                   make_transport)
 
 # Changing these needs a restart: sockets, identities and the control socket are set up once.
 RESTART_FIELDS = ("node", "nodes", "links", "udpport", "control_socket", "state_dir", "groups", "guard")
@@ -60,6 +61,7 @@ class Daemon:
         self.engine: Engine | None = None
         self.transports: dict[str, Transport] = {}
         self.drain_order: list[Transport] = []
+        self.port_claims: list[socket.socket] = []  # held for the daemon's life: see claim_port
         self.batch = False  # inside the beat timer's drains (see _on_timer)
         self.pinger: Pinger | None = None
         self.ping_targets: dict[str, str] = {}  # configured name or address -> address pinged
@@ -109,6 +111,8 @@ class Daemon:
         # Links bound to the same address, port and interface would share one SO_REUSEPORT group, where the
         # steering's socket indexes no longer mean this link's two sockets: those links wake for everything.
         bound = Counter(_bind_key(link) for link in self.config.links)
+        ports = sorted({link.port for link in self.config.links if link.kind is not LinkKind.SERIAL})
+        self.port_claims = [claim_port(port) for port in ports]  # before any bind: see claim_port
         for link in self.config.links:
             t = make_transport(link)
             # quiet: see hastore.io.transports; news is handled like a tick without the beat (_on_wake)
@@ -161,6 +165,8 @@ class Daemon:
             self.guard.close(bye=self.held_key == [])  # bye only once nothing is held: else the guard fences
         for t in self.transports.values():
             t.close()
+        for claim in self.port_claims:
+            claim.close()
         if self.pinger is not None:
             self.pinger.close()
         if self.control is not None:

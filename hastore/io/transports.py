@@ -620,6 +620,38 @@ class SerialTransport(Transport):
         self._drop_port()
 
 
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (SO_PEERCRED)
+
+
+def claim_port(port: int) -> socket.socket:
+    """One hastore daemon per UDP port in a network namespace. A second one would bind too (SO_REUSEPORT lets it)
+    and join the first one's socket groups, where each would read half of the other's datagrams. Held as an abstract
+    unix socket named after the port: scoped to the network namespace like the port itself, and gone with its
+    process (exit, kill -9, the exec of an in-place restart), so no stale lock can outlive a daemon. Keep the
+    returned socket open for the daemon's life. TransportError names the daemon that holds the port."""
+    name = f"\0hastore-udp-port-{port}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(name)
+        sock.listen(8)
+        return sock
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise TransportError(f"UDP port {port}: cannot claim it for this daemon: {_describe(exc)}") from None
+    holder = ""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(name)
+            pid, _, _ = _UCRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            holder = f" (pid {pid})"
+        except OSError:
+            pass
+    raise TransportError(f"UDP port {port}: another hastore daemon{holder} in this network namespace uses it; one "
+                         f"daemon per port (a second cluster on this host needs another udpport)")
+
+
 def make_transport(link: Link) -> Transport:
     if link.kind is LinkKind.SERIAL:
         return SerialTransport(link)

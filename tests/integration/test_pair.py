@@ -145,6 +145,23 @@ def test_a_second_daemon_on_the_same_state_directory_stops_before_touching_anyth
     assert after["peers"]["bravo"]["alive"] and group_owner(after) == group_owner(before)
 
 
+def test_a_second_daemon_on_the_same_udp_port_stops_before_binding_it(pair, tmp_path):
+    """Another state directory and control socket (so neither stops it), same heartbeat port, same network
+    namespace: its UDP sockets would join the first daemon's and each would read half of the other's datagrams."""
+    from hastore.lab.pair import _env
+    args = list(pair.procs["alpha"].args)
+    argv = [*hastore_argv(), *args[args.index("run"):], "--socket", str(tmp_path / "other.sock")]
+    argv[argv.index("--state-dir") + 1] = str(tmp_path / "other-state")
+    before = pair.status("alpha")
+    r = pair.lab.nodes["alpha"].run(argv, env=_env(), timeout=30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (f"UDP port 694: another hastore daemon (pid {pair.procs['alpha'].pid}) in this network namespace uses it"
+            in r.stdout + r.stderr)
+    after = pair.status("alpha")
+    assert after is not None and after["generation"] == before["generation"] and pair.procs["alpha"].poll() is None
+    assert peer_alive("bravo", {"ucast": True, "serial": True})(after)  # its sockets were left alone
+
+
 def test_status_without_a_daemon_says_so(lab):
     r = lab.nodes["alpha"].run([*hastore_argv(), "status"])
     assert r.returncode == 1

@@ -1,0 +1,52 @@
+"""One daemon per UDP port in a network namespace (hastore.io.transports.claim_port); no root needed."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from hastore.io.transports import TransportError, claim_port
+
+
+def free_port() -> int:
+    """Random and far from Heartbeat's 694: the claim is per network namespace, and a daemon may run in this one."""
+    return random.randrange(20000, 60000)
+
+
+def test_a_second_claim_is_refused_and_names_the_holder():
+    port = free_port()
+    first = claim_port(port)
+    try:
+        with pytest.raises(TransportError) as e:
+            claim_port(port)
+        assert str(e.value).startswith(f"UDP port {port}: another hastore daemon (pid {os.getpid()})")
+        assert "another udpport" in str(e.value)
+        other = claim_port(port + 1)  # another port is another claim
+        other.close()
+    finally:
+        first.close()
+    claim_port(port).close()  # closed: free again
+
+
+def test_the_claim_dies_with_its_process():
+    """No stale lock after kill -9: the kernel frees an abstract socket with its last descriptor."""
+    port = free_port()
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from hastore.io.transports import claim_port
+claim = claim_port({port})
+print("held", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(TransportError, match=rf"pid {child.pid}\)"):
+            claim_port(port)
+    finally:
+        child.kill()
+        child.wait()
+    claim_port(port).close()
