@@ -319,18 +319,34 @@ def write_cnf(s: Settings) -> None:
     os.replace(tmp, s.cnf)
 
 
+def _listening(path: str) -> bool:
+    """Whether the server accepts connections on its socket yet (it opens it once it is ready for them)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+            return True
+        except OSError:
+            return False
+
+
 def _wait_ready(s: Settings, deadline: float, proc: subprocess.Popen | None = None) -> int:
-    said = ""
+    """Until the test query works. A connect to the socket is tried every 50 ms first: it costs next to nothing,
+    where each query runs the client (tens of ms here, a second or more in an emulated guest, taken from a server
+    that is still starting), and the server answers ~0.1 s sooner on average than with a query every 0.3 s."""
     while True:
         if proc is not None and proc.poll() is not None:
             raise AgentError(ERR_GENERIC, f"the server exited with {proc.returncode} while starting: {_log_tail(s)}")
-        ok, said = query(s, min(5.0, max(1.0, deadline - time.monotonic())))
-        if ok:
-            return SUCCESS
+        if _listening(s.socket):
+            ok, said = query(s, min(5.0, max(1.0, deadline - time.monotonic())))
+            if ok:
+                return SUCCESS
+            pause = 0.3
+        else:
+            said, pause = f"nothing accepts connections on {s.socket}", 0.05
         if time.monotonic() >= deadline:
             raise AgentError(ERR_GENERIC, f"the server did not answer the test query in time: {said}; "
                                           f"{_log_tail(s, 1)}")
-        time.sleep(0.3)
+        time.sleep(pause)
 
 
 def start(s: Settings, timeout: float) -> int:
