@@ -139,6 +139,34 @@ def state_84(resource: str, role_text: str, cstate_text: str, dstate_text: str) 
     return DrbdState(resource, role, peer_role, parse_cstate(cstate_text), disk, peer_disk, "8.4")
 
 
+def parse_minors(text: str) -> list[int]:
+    """`drbdadm sh-minor RES` (8.4): the minor of each of the resource's volumes, one per line."""
+    lines = _lines(text, "drbdadm sh-minor")
+    if not all(line.isdigit() for line in lines):
+        raise ParseError(f"`drbdadm sh-minor` printed {text.strip()!r}, not minor numbers")
+    return [int(line) for line in lines]
+
+
+def state_from_proc(resource: str, proc: ProcDrbd, minors: list[int]) -> DrbdState | None:
+    """An 8.4 resource's state from /proc/drbd, given its minors (one per volume), aggregated the way state_84
+    aggregates what `drbdadm role|cstate|dstate` print: one file read instead of three processes. None when a
+    minor is not in /proc/drbd: the resource is not up (8.4 lists only the minors it has configured)."""
+    if not minors or any(m not in proc.minors for m in minors):
+        return None
+    volumes = [proc.minors[m] for m in minors]  # (cs, role, peer role, disk, peer disk)
+    for cs, *states in volumes:
+        for r in states[:2]:
+            if r not in (PRIMARY, SECONDARY, UNKNOWN):
+                raise ParseError(f"/proc/drbd shows an unknown role {r!r}")
+        for disk in states[2:]:
+            if disk not in DISK_ORDER:
+                raise ParseError(f"/proc/drbd shows an unknown disk state {disk!r}")
+    role = PRIMARY if any(v[1] == PRIMARY for v in volumes) else volumes[0][1]
+    peer_role = PRIMARY if any(v[2] == PRIMARY for v in volumes) else volumes[0][2]
+    return DrbdState(resource, role, peer_role, volumes[0][0], worst_disk(v[3] for v in volumes),
+                     worst_disk(v[4] for v in volumes), "8.4")
+
+
 def _fields(words: list[str]) -> dict[str, str]:
     out = {}
     for w in words:

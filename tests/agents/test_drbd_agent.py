@@ -4,8 +4,10 @@ that ocf-tester checks the agent's permissions as user nobody when run as root."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 from xml.dom import minidom
@@ -40,6 +42,23 @@ class Drbd:
         env = {**self.env, **{f"OCF_RESKEY_{k}": v for k, v in {**self.params, **params}.items()}}
         return subprocess.run([str(AGENT), action], env=env, capture_output=True, text=True, timeout=60,
                               check=False)
+
+    @contextlib.contextmanager
+    def kernel(self):
+        """The kernel changes /proc/drbd on its own (a peer connecting): the double does it when it is called, so
+        call it every 0.1 s meanwhile, as an agent that reads /proc/drbd alone would not."""
+        stop = threading.Event()
+
+        def tick():
+            while not stop.wait(0.1):
+                self.fake("fake-set", "r0")  # no change: applies what is due and rewrites proc_drbd
+        t = threading.Thread(target=tick, daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
 
     def role(self) -> str:
         return self.fake("role", "r0").stdout.strip().split("/")[0]
@@ -92,7 +111,22 @@ def test_double_proc_and_unknown_resource_match_fixtures(drbd):
     assert lines[:3] == want[:3]  # version, srcversion (with its trailing blank), the minor's state line
     res = subprocess.run([str(FAKE_ADM), "role", "r9"], env=drbd.env, capture_output=True, text=True,
                          check=False)
-    assert (res.returncode, res.stderr) == (10, (FIX / "drbdadm-not-defined.stderr").read_text())
+    assert (res.returncode, res.stderr) == (1, (FIX / "drbdadm-not-defined.stderr").read_text())
+
+
+def test_drbd84_state_comes_from_proc_drbd_with_one_drbdadm_call_per_agent_call(drbd):
+    """The minor from `drbdadm sh-minor` once, then /proc/drbd for every read: no role/cstate/dstate processes."""
+    def agent_calls():
+        return [c for c in drbd.calls() if "fake-set" not in c]
+    drbd.set(role="Primary")
+    res = drbd.agent("monitor")
+    assert rc(res) == 0, res.stderr  # 7 would mean it read Secondary: the double keeps proc_drbd in step
+    drbd.set(role="Secondary", cstate="WFConnection", peer_role="Primary")
+    assert rc(drbd.agent("monitor")) == 7
+    assert agent_calls() == ["fake-drbdadm sh-minor r0"] * 2
+    res = drbd.agent("start")  # no peer connected: promote, then read the result from /proc/drbd
+    assert rc(res) == 0 and "r0 is Primary: role Primary/Unknown, connection WFConnection" in res.stderr, res.stderr
+    assert agent_calls()[2:] == ["fake-drbdadm sh-minor r0", "fake-drbdadm primary r0"]
 
 
 # ------------------------------------------------------------------ meta-data and ocf-tester
@@ -182,7 +216,8 @@ def test_start_waits_for_the_peer_before_judging_the_disk(drbd):
     # after `up` the disk is Consistent until the peer answers, 1 s later, and it turns out UpToDate
     drbd.set(up="false", disk="Consistent", cstate="WFConnection", connect_in="1.0", connect_disk="UpToDate")
     t0 = time.monotonic()
-    res = drbd.agent("start", wait_connect_s="5")
+    with drbd.kernel():
+        res = drbd.agent("start", wait_connect_s="5")
     elapsed = time.monotonic() - t0
     assert rc(res) == 0, res.stderr
     assert 1.0 <= elapsed < 5, elapsed

@@ -192,3 +192,23 @@ def test_error_texts_are_recognised():
     assert "no access to UpToDate data" in d.explain_failure(fx("drbdadm-84-primary-outdated.stderr"))
     assert "peer is Primary" in d.explain_failure(fx("drbdadm-84-primary-peer-primary.stderr"))
     assert d.explain_failure("") == "no message"
+
+
+def test_state_from_proc_aggregates_volumes_like_drbdadm_and_sees_a_minor_that_is_not_up():
+    proc = d.parse_proc_drbd((FIX / "proc_drbd-84-two-minors-degraded.txt").read_text())
+    both = d.state_from_proc("r0", proc, [0, 1])
+    # any Primary volume makes the resource Primary; the first volume's connection; the worst disk
+    assert (both.role, both.peer_role, both.connection, both.disk, both.peer_disk) == \
+        ("Primary", "Unknown", "WFConnection", "UpToDate", "DUnknown")
+    assert d.state_from_proc("r0", proc, [1]).connection == "StandAlone"
+    assert d.state_from_proc("r0", proc, [0, 2]) is None  # minor 2 is not configured: the resource is not up
+    assert d.state_from_proc("r0", proc, []) is None
+    assert d.state_from_proc("r0", d.parse_proc_drbd((FIX / "proc_drbd-84-no-resources.txt").read_text()), [0]) is None
+
+
+def test_sh_minor_output():
+    assert d.parse_minors("0\n") == [0]
+    assert d.parse_minors("0\n1\n") == [0, 1]
+    for bad in ("", "r0\n", "0 1\n"):
+        with pytest.raises(d.ParseError):
+            d.parse_minors(bad)

@@ -41,7 +41,17 @@ def test_proc_drbd(state):
     role, peer_role, cs, disk, peer_disk = STATES[state]
     p = d.parse_proc_drbd(fx(state, "proc_drbd"))
     assert p.version == (8, 4) and p.generation == "8.4"
-    assert p.minors == {0: (cs, role, peer_role, disk, peer_disk)}
+    assert p.minors[0] == (cs, role, peer_role, disk, peer_disk)  # minor 1 is the NFS example's r1, where it is up
+
+
+@pytest.mark.parametrize("state", sorted(STATES))
+def test_the_state_from_proc_drbd_is_what_drbdadm_says(state):
+    """What the agent reads for 8.4 (/proc/drbd and the minor from `drbdadm sh-minor`) against what the three drbdadm
+    commands said in the same state."""
+    minors = d.parse_minors(fx(state, "sh_minor"))
+    assert minors == [0]
+    from_proc = d.state_from_proc("r0", d.parse_proc_drbd(fx(state, "proc_drbd")), minors)
+    assert from_proc == d.state_84("r0", fx(state, "role"), fx(state, "cstate"), fx(state, "dstate"))
 
 
 @pytest.mark.parametrize("state", sorted(STATES))

@@ -36,6 +36,7 @@ CAPTURE = {
     "dstate": ["drbdadm", "dstate", "r0"],
     "events2": ["drbdsetup", "events2", "--now", "r0"],
     "status": ["drbdsetup", "status", "r0", "--color=never"],
+    "sh_minor": ["drbdadm", "sh-minor", "r0"],
 }
 AGENT = ["python3", "/hastore/agents/drbd"]
 VIP_IP = w.VIP.split("/")[0]
