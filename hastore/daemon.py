@@ -111,8 +111,8 @@ class Daemon:
         # Links bound to the same address, port and interface would share one SO_REUSEPORT group, where the
         # steering's socket indexes no longer mean this link's two sockets: those links wake for everything.
         bound = Counter(_bind_key(link) for link in self.config.links)
-        ports = sorted({link.port for link in self.config.links if link.kind is not LinkKind.SERIAL})
-        self.port_claims = [claim_port(port) for port in ports]  # before any bind: see claim_port
+        for port in sorted({link.port for link in self.config.links if link.kind is not LinkKind.SERIAL}):
+            self.port_claims.append(claim_port(port))  # before any bind (see claim_port); _close_io lets go
         for link in self.config.links:
             t = make_transport(link)
             # quiet: see hastore.io.transports; news is handled like a tick without the beat (_on_wake)
