@@ -89,6 +89,10 @@ class Run:
         # Writes keep being acknowledged through the VIP after the scenario.
         before = self.count()
         lab.wait("writes after the scenario", lambda: self.count() > before, timeout=30)
+        # A quick scenario (a takeover now takes well under a second) may be over before the sampler looked often:
+        # keep looking, so that the checks below rest on enough samples, after the settle as well.
+        lab.wait("at least 11 samples of both nodes", lambda: len(self.sampler.samples) > 10 and
+                 sum(t >= settled_at for t, _ in self.sampler.samples) >= 3, timeout=20)
         events = self.finish()
         assert not self.sampler.errors, self.sampler.errors[:3]
         assert len(self.sampler.samples) > 10, "the sampler did not run"
