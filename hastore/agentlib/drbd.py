@@ -5,9 +5,11 @@ Nothing here runs a command or reads a file; agents/drbd feeds in the text and a
 Two generations of DRBD say the same things differently:
 
 - 8.4 (the kernel module in Debian's stock kernels, driven by drbd-utils 9 through `drbdadm-84`):
-  `/proc/drbd` lists one line per minor (`0: cs:Connected ro:Primary/Secondary ds:UpToDate/UpToDate C r-----`)
-  but does not name resources, so the agent asks `drbdadm role|cstate|dstate RES` (one line per volume,
-  local value first: `Primary/Secondary`, `Connected`, `UpToDate/UpToDate`).
+  `/proc/drbd` lists one line per minor (`0: cs:Connected ro:Primary/Secondary ds:UpToDate/UpToDate C r-----`,
+  or `1: cs:Unconfigured` for a Secondary that is StandAlone and Diskless) but does not name resources: the agent
+  asks `drbdadm sh-minor RES` for the resource's minors once, then reads /proc/drbd. `drbdadm
+  role|cstate|dstate RES` say the same (one line per volume, local value first: `Primary/Secondary`,
+  `Connected`, `UpToDate/UpToDate`); the tests hold the two readings against each other on real captures.
 - 9.x: `/proc/drbd` holds only the version; `drbdsetup events2 --now RES` dumps `exists ...` lines ending with
   `exists -`, and `drbdsetup status --json RES` the same facts as JSON.
 
@@ -34,6 +36,8 @@ CONNECTED = frozenset({"Connected", "StartingSyncS", "StartingSyncT", "WFBitMapS
                        "SyncSource", "SyncTarget", "PausedSyncS", "PausedSyncT", "VerifyS", "VerifyT",
                        "Ahead", "Behind"})
 _PROC_LINE = re.compile(r"^\s*(\d+):\s+cs:(\S+)\s+ro:(\S+)\s+ds:(\S+)")
+_PROC_UNCONFIGURED = re.compile(r"^\s*(\d+):\s+cs:Unconfigured\s*$")  # drbd_proc.c: Secondary, StandAlone, Diskless
+UNCONFIGURED = ("StandAlone", SECONDARY, UNKNOWN, "Diskless", "DUnknown")  # what drbdadm role|cstate|dstate say then
 _VERSION = re.compile(r"^version:\s*(\d+)\.(\d+)")
 
 
@@ -87,6 +91,8 @@ def parse_proc_drbd(text: str) -> ProcDrbd:
             role, peer_role = _pair(m.group(3), "ro")
             disk, peer_disk = _pair(m.group(4), "ds")
             minors[int(m.group(1))] = (m.group(2), role, peer_role, disk, peer_disk)
+        elif m := _PROC_UNCONFIGURED.match(line):
+            minors[int(m.group(1))] = UNCONFIGURED
     return ProcDrbd(version, minors)
 
 
@@ -104,39 +110,35 @@ def _lines(text: str, command: str) -> list[str]:
     return lines
 
 
-def parse_role(text: str) -> tuple[str, str]:
-    """`drbdadm role RES`: `Primary/Secondary` per volume (8.4); DRBD 9 prints the local role alone."""
-    pairs = [_pair(line, "role") if "/" in line else (line, UNKNOWN) for line in _lines(text, "drbdadm role")]
-    local = PRIMARY if any(r == PRIMARY for r, _ in pairs) else pairs[0][0]
-    peer = PRIMARY if any(p == PRIMARY for _, p in pairs) else pairs[0][1]
-    for r in (local, peer):
-        if r not in (PRIMARY, SECONDARY, UNKNOWN):
-            raise ParseError(f"`drbdadm role` printed an unknown role {r!r}")
-    return local, peer
-
-
-def parse_dstate(text: str) -> tuple[str, str]:
-    """`drbdadm dstate RES`: `UpToDate/UpToDate` per volume, local first; the worst volume wins."""
-    pairs = [_pair(line, "dstate") for line in _lines(text, "drbdadm dstate")]
-    for d in (d for pair in pairs for d in pair):
-        if d not in DISK_ORDER:
-            raise ParseError(f"`drbdadm dstate` printed an unknown disk state {d!r}")
-    return worst_disk(p[0] for p in pairs), worst_disk(p[1] for p in pairs)
-
-
-def parse_cstate(text: str) -> str:
-    """`drbdadm cstate RES`: one connection state per volume (8.4 repeats it); the first is the resource's."""
-    return _lines(text, "drbdadm cstate")[0]
-
-
 def worst_disk(disks) -> str:
     return min(disks, key=lambda d: DISK_ORDER.index(d) if d in DISK_ORDER else -1)
 
 
 def state_84(resource: str, role_text: str, cstate_text: str, dstate_text: str) -> DrbdState:
-    role, peer_role = parse_role(role_text)
-    disk, peer_disk = parse_dstate(dstate_text)
-    return DrbdState(resource, role, peer_role, parse_cstate(cstate_text), disk, peer_disk, "8.4")
+    """From what `drbdadm role|cstate|dstate RES` print (one line per volume)."""
+    roles = [_pair(line, "role") for line in _lines(role_text, "drbdadm role")]
+    cstates = _lines(cstate_text, "drbdadm cstate")
+    disks = [_pair(line, "dstate") for line in _lines(dstate_text, "drbdadm dstate")]
+    if not len(roles) == len(cstates) == len(disks):
+        raise ParseError(f"drbdadm role, cstate and dstate name {len(roles)}, {len(cstates)} and {len(disks)} "
+                         f"volumes")
+    return _aggregate_84(resource, [(c, *r, *d) for c, r, d in zip(cstates, roles, disks)])
+
+
+def _aggregate_84(resource: str, volumes: list[tuple[str, str, str, str, str]]) -> DrbdState:
+    """One state for a resource from its volumes' (connection, role, peer role, disk, peer disk): Primary if any
+    volume is, the first volume's connection, the worst disk on each side."""
+    for _cs, *states in volumes:
+        for r in states[:2]:
+            if r not in (PRIMARY, SECONDARY, UNKNOWN):
+                raise ParseError(f"unknown role {r!r}")
+        for disk in states[2:]:
+            if disk not in DISK_ORDER:
+                raise ParseError(f"unknown disk state {disk!r}")
+    role = PRIMARY if any(v[1] == PRIMARY for v in volumes) else volumes[0][1]
+    peer_role = PRIMARY if any(v[2] == PRIMARY for v in volumes) else volumes[0][2]
+    return DrbdState(resource, role, peer_role, volumes[0][0], worst_disk(v[3] for v in volumes),
+                     worst_disk(v[4] for v in volumes), "8.4")
 
 
 def parse_minors(text: str) -> list[int]:
@@ -148,23 +150,12 @@ def parse_minors(text: str) -> list[int]:
 
 
 def state_from_proc(resource: str, proc: ProcDrbd, minors: list[int]) -> DrbdState | None:
-    """An 8.4 resource's state from /proc/drbd, given its minors (one per volume), aggregated the way state_84
-    aggregates what `drbdadm role|cstate|dstate` print: one file read instead of three processes. None when a
-    minor is not in /proc/drbd: the resource is not up (8.4 lists only the minors it has configured)."""
+    """An 8.4 resource's state from /proc/drbd, given its minors (one per volume): what state_84 makes of `drbdadm
+    role|cstate|dstate`, from one file read instead of three processes. None when a minor is not in /proc/drbd:
+    the resource is not up (8.4 lists only the minors that exist)."""
     if not minors or any(m not in proc.minors for m in minors):
         return None
-    volumes = [proc.minors[m] for m in minors]  # (cs, role, peer role, disk, peer disk)
-    for cs, *states in volumes:
-        for r in states[:2]:
-            if r not in (PRIMARY, SECONDARY, UNKNOWN):
-                raise ParseError(f"/proc/drbd shows an unknown role {r!r}")
-        for disk in states[2:]:
-            if disk not in DISK_ORDER:
-                raise ParseError(f"/proc/drbd shows an unknown disk state {disk!r}")
-    role = PRIMARY if any(v[1] == PRIMARY for v in volumes) else volumes[0][1]
-    peer_role = PRIMARY if any(v[2] == PRIMARY for v in volumes) else volumes[0][2]
-    return DrbdState(resource, role, peer_role, volumes[0][0], worst_disk(v[3] for v in volumes),
-                     worst_disk(v[4] for v in volumes), "8.4")
+    return _aggregate_84(resource, [proc.minors[m] for m in minors])
 
 
 def _fields(words: list[str]) -> dict[str, str]:

@@ -77,20 +77,21 @@ def test_secondary_alone_outdated():
     assert not st.connected
 
 
-def test_dstate_two_volumes_reports_the_worst():
-    assert d.parse_dstate(fx("drbdadm-84-dstate-two-volumes.txt")) == ("Inconsistent", "UpToDate")
+def test_two_volumes_report_the_worst_disk_and_any_primary():
+    st = d.state_84("r0", "Secondary/Secondary\nSecondary/Primary\n", "Connected\nConnected\n",
+                    fx("drbdadm-84-dstate-two-volumes.txt"))
+    assert (st.role, st.peer_role, st.disk, st.peer_disk) == ("Secondary", "Primary", "Inconsistent", "UpToDate")
 
 
-def test_role_drbd9_local_only():
-    assert d.parse_role("Primary\n") == ("Primary", "Unknown")
+GOOD = {"role": "Primary/Secondary\n", "cstate": "Connected\n", "dstate": "UpToDate/UpToDate\n"}
 
 
-@pytest.mark.parametrize("fn,text", [(d.parse_role, ""), (d.parse_role, "Leader/Secondary\n"),
-                                     (d.parse_dstate, "UpToDate\n"), (d.parse_dstate, "Fine/UpToDate\n"),
-                                     (d.parse_cstate, "\n")])
-def test_bad_84_outputs_raise(fn, text):
+@pytest.mark.parametrize("what,text", [("role", ""), ("role", "Leader/Secondary\n"), ("role", "Primary\n"),
+                                       ("dstate", "UpToDate\n"), ("dstate", "Fine/UpToDate\n"), ("cstate", "\n"),
+                                       ("cstate", "Connected\nConnected\n")])
+def test_bad_84_outputs_raise(what, text):
     with pytest.raises(d.ParseError):
-        fn(text)
+        d.state_84("r0", *({**GOOD, what: text}[k] for k in ("role", "cstate", "dstate")))
 
 
 # ------------------------------------------------------------------ DRBD 9: events2 --now, status --json
@@ -212,3 +213,12 @@ def test_sh_minor_output():
     for bad in ("", "r0\n", "0 1\n"):
         with pytest.raises(d.ParseError):
             d.parse_minors(bad)
+
+
+def test_an_unconfigured_minor_is_a_diskless_standalone_secondary():
+    """drbd_proc.c prints only `cs:Unconfigured` for a minor that is Secondary, StandAlone and Diskless (after
+    `drbdadm detach` and `disconnect`); drbdadm role|cstate|dstate say Secondary/Unknown, StandAlone, Diskless/DUnknown."""
+    proc = d.parse_proc_drbd("version: 8.4.11 (api:1/proto:86-101)\n 0: cs:Unconfigured\n")
+    st = d.state_from_proc("r0", proc, [0])
+    assert st == d.state_84("r0", "Secondary/Unknown\n", "StandAlone\n", "Diskless/DUnknown\n")
+    assert "Diskless" in d.promotion_refusal(st, force=False)
