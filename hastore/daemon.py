@@ -30,7 +30,7 @@ from hastore.io.guard import HANDOVER_ENV, RESTART_GRACE_MS, GuardClient, GuardE
 from hastore.io.pinger import Pinger
 from hastore.io.state import StateError, StateStore
 from hastore.io.transports import (SerialTransport, Transport, TransportError, UdpTransport, claim_port,
-                                   make_transport)
+                                   make_transport, turn_away)
 
 # Changing these needs a restart: sockets, identities and the control socket are set up once.
 RESTART_FIELDS = ("node", "nodes", "links", "udpport", "control_socket", "state_dir", "groups", "guard")
@@ -111,8 +111,12 @@ class Daemon:
         # Links bound to the same address, port and interface would share one SO_REUSEPORT group, where the
         # steering's socket indexes no longer mean this link's two sockets: those links wake for everything.
         bound = Counter(_bind_key(link) for link in self.config.links)
-        for port in sorted({link.port for link in self.config.links if link.kind is not LinkKind.SERIAL}):
-            self.port_claims.append(claim_port(port))  # before any bind (see claim_port); _close_io lets go
+        loop = asyncio.get_running_loop()
+        for interface, port in sorted({(link.interface or "", link.port) for link in self.config.links
+                                       if link.kind is not LinkKind.SERIAL}):
+            claim = claim_port(interface, port)  # before any bind (see claim_port); _close_io lets go
+            self.port_claims.append(claim)
+            loop.add_reader(claim.fileno(), turn_away, claim)
         for link in self.config.links:
             t = make_transport(link)
             # quiet: see hastore.io.transports; news is handled like a tick without the beat (_on_wake)
@@ -166,6 +170,8 @@ class Daemon:
         for t in self.transports.values():
             t.close()
         for claim in self.port_claims:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(claim.fileno())
             claim.close()
         if self.pinger is not None:
             self.pinger.close()

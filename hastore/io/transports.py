@@ -623,22 +623,26 @@ class SerialTransport(Transport):
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (SO_PEERCRED)
 
 
-def claim_port(port: int) -> socket.socket:
-    """One hastore daemon per UDP port in a network namespace. A second one would bind too (SO_REUSEPORT lets it)
-    and join the first one's socket groups, where each would read half of the other's datagrams. Held as an abstract
-    unix socket named after the port: scoped to the network namespace like the port itself, and gone with its
-    process (exit, kill -9, the exec of an in-place restart), so no stale lock can outlive a daemon. Keep the
-    returned socket open for the daemon's life. TransportError names the daemon that holds the port."""
-    name = f"\0hastore-udp-port-{port}"
+def claim_port(interface: str, port: int) -> socket.socket:
+    """One hastore daemon per UDP port and interface in a network namespace. A second one would bind too
+    (SO_REUSEPORT lets it) and join the first one's socket groups, where each would read half of the other's
+    datagrams; daemons on other interfaces are in other groups (SO_BINDTODEVICE) and may share the port number.
+    Held as an abstract unix socket named after both: scoped to the network namespace like the port itself, and
+    gone with its process (exit, kill -9, the exec of an in-place restart), so no stale lock can outlive a daemon.
+    Keep the returned socket open for the daemon's life, and turn away what connects (turn_away). TransportError
+    names the daemon that holds the claim."""
+    name = f"\0hastore-udp-{interface}-{port}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(name)
         sock.listen(8)
+        sock.setblocking(False)
         return sock
     except OSError as exc:
         sock.close()
         if exc.errno != errno.EADDRINUSE:
-            raise TransportError(f"UDP port {port}: cannot claim it for this daemon: {_describe(exc)}") from None
+            raise TransportError(f"UDP port {port} on {interface}: cannot claim it for this daemon: "
+                                 f"{_describe(exc)}") from None
     holder = ""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
@@ -648,8 +652,19 @@ def claim_port(port: int) -> socket.socket:
             holder = f" (pid {pid})"
         except OSError:
             pass
-    raise TransportError(f"UDP port {port}: another hastore daemon{holder} in this network namespace uses it; one "
-                         f"daemon per port (a second cluster on this host needs another udpport)")
+    raise TransportError(f"UDP port {port} on {interface}: another hastore daemon{holder} in this network namespace "
+                         f"uses it; one daemon per port and interface (a second cluster on this host needs another "
+                         f"udpport)")
+
+
+def turn_away(claim: socket.socket) -> None:
+    """A second daemon connected to learn our pid (claim_port): close its connection, so that they do not pile up
+    in the claim's backlog."""
+    try:
+        conn, _ = claim.accept()
+        conn.close()
+    except OSError:
+        pass
 
 
 def make_transport(link: Link) -> Transport:

@@ -155,8 +155,8 @@ def test_a_second_daemon_on_the_same_udp_port_stops_before_binding_it(pair, tmp_
     before = pair.status("alpha")
     r = pair.lab.nodes["alpha"].run(argv, env=_env(), timeout=30)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert (f"UDP port 694: another hastore daemon (pid {pair.procs['alpha'].pid}) in this network namespace uses it"
-            in r.stdout + r.stderr)
+    assert (f"UDP port 694 on {pair.lab.nodes['alpha'].hb_if}: another hastore daemon (pid {pair.procs['alpha'].pid}) "
+            f"in this network namespace uses it" in r.stdout + r.stderr)
     after = pair.status("alpha")
     assert after is not None and after["generation"] == before["generation"] and pair.procs["alpha"].poll() is None
     assert peer_alive("bravo", {"ucast": True, "serial": True})(after)  # its sockets were left alone
