@@ -37,7 +37,7 @@ CONNECTED = frozenset({"Connected", "StartingSyncS", "StartingSyncT", "WFBitMapS
                        "Ahead", "Behind"})
 _PROC_LINE = re.compile(r"^\s*(\d+):\s+cs:(\S+)\s+ro:(\S+)\s+ds:(\S+)")
 _PROC_UNCONFIGURED = re.compile(r"^\s*(\d+):\s+cs:Unconfigured\s*$")  # drbd_proc.c: Secondary, StandAlone, Diskless
-UNCONFIGURED = ("StandAlone", SECONDARY, UNKNOWN, "Diskless", "DUnknown")  # what drbdadm role|cstate|dstate say then
+UNCONFIGURED = ("StandAlone", SECONDARY, UNKNOWN, "Diskless", "DUnknown")  # what that line stands for
 _VERSION = re.compile(r"^version:\s*(\d+)\.(\d+)")
 
 

@@ -5,6 +5,7 @@ that ocf-tester checks the agent's permissions as user nobody when run as root."
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import threading
@@ -61,7 +62,8 @@ class Drbd:
             t.join()
 
     def role(self) -> str:
-        return self.fake("role", "r0").stdout.strip().split("/")[0]
+        """The double's own record (`drbdadm role` prints "Unconfigured" for a diskless StandAlone Secondary)."""
+        return json.loads((self.state / "state.json").read_text())["resources"]["r0"]["role"]
 
     def calls(self) -> list[str]:
         path = self.state / "calls.log"

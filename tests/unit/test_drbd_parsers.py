@@ -216,9 +216,11 @@ def test_sh_minor_output():
 
 
 def test_an_unconfigured_minor_is_a_diskless_standalone_secondary():
-    """drbd_proc.c prints only `cs:Unconfigured` for a minor that is Secondary, StandAlone and Diskless (after
-    `drbdadm detach` and `disconnect`); drbdadm role|cstate|dstate say Secondary/Unknown, StandAlone, Diskless/DUnknown."""
-    proc = d.parse_proc_drbd("version: 8.4.11 (api:1/proto:86-101)\n 0: cs:Unconfigured\n")
-    st = d.state_from_proc("r0", proc, [0])
-    assert st == d.state_84("r0", "Secondary/Unknown\n", "StandAlone\n", "Diskless/DUnknown\n")
-    assert "Diskless" in d.promotion_refusal(st, force=False)
+    """drbd_proc.c prints only `cs:Unconfigured` for a minor that is Secondary, StandAlone and Diskless (captured in the
+    VM lab after `drbdadm detach` and `disconnect`; drbdadm role|cstate|dstate then print `Unconfigured` too)."""
+    proc = d.parse_proc_drbd(fx("proc_drbd-84-unconfigured.txt"))
+    st = d.state_from_proc("r1", proc, [1])
+    assert (st.role, st.peer_role, st.connection, st.disk, st.peer_disk) == \
+        ("Secondary", "Unknown", "StandAlone", "Diskless", "DUnknown")
+    assert "no local backing disk" in d.promotion_refusal(st, force=False)
+    assert d.state_from_proc("r0", proc, [0]).role == "Primary"  # the other minor, a full line, beside it
