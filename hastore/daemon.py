@@ -170,8 +170,7 @@ class Daemon:
         for t in self.transports.values():
             t.close()
         for claim in self.port_claims:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(claim.fileno())
+            asyncio.get_running_loop().remove_reader(claim.fileno())
             claim.close()
         if self.pinger is not None:
             self.pinger.close()

@@ -132,12 +132,19 @@ def test_garbage_at_the_heartbeat_port_is_counted_and_changes_nothing(pair):
     assert group_owner(s) == "alpha"
 
 
-def test_a_second_daemon_on_the_same_state_directory_stops_before_touching_anything(pair):
+def run_second_daemon(pair, *extra: str, state_dir: str | None = None):
+    """`hastore run` on alpha again, with alpha's own command line (plus extra, another state directory)."""
     from hastore.lab.pair import _env
     args = list(pair.procs["alpha"].args)
-    argv = [*hastore_argv(), *args[args.index("run"):]]
+    argv = [*hastore_argv(), *args[args.index("run"):], *extra]
+    if state_dir is not None:
+        argv[argv.index("--state-dir") + 1] = state_dir
+    return pair.lab.nodes["alpha"].run(argv, env=_env(), timeout=30)
+
+
+def test_a_second_daemon_on_the_same_state_directory_stops_before_touching_anything(pair):
     before = pair.status("alpha")
-    r = pair.lab.nodes["alpha"].run(argv, env=_env(), timeout=30)
+    r = run_second_daemon(pair)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"another hastore daemon (pid {pair.procs['alpha'].pid}) runs with state directory" in r.stdout + r.stderr
     after = pair.status("alpha")
@@ -148,12 +155,8 @@ def test_a_second_daemon_on_the_same_state_directory_stops_before_touching_anyth
 def test_a_second_daemon_on_the_same_udp_port_stops_before_binding_it(pair, tmp_path):
     """Another state directory and control socket (so neither stops it), same heartbeat port, same network
     namespace: its UDP sockets would join the first daemon's and each would read half of the other's datagrams."""
-    from hastore.lab.pair import _env
-    args = list(pair.procs["alpha"].args)
-    argv = [*hastore_argv(), *args[args.index("run"):], "--socket", str(tmp_path / "other.sock")]
-    argv[argv.index("--state-dir") + 1] = str(tmp_path / "other-state")
     before = pair.status("alpha")
-    r = pair.lab.nodes["alpha"].run(argv, env=_env(), timeout=30)
+    r = run_second_daemon(pair, "--socket", str(tmp_path / "other.sock"), state_dir=str(tmp_path / "other-state"))
     assert r.returncode == 1, r.stdout + r.stderr
     assert (f"UDP port 694 on {pair.lab.nodes['alpha'].hb_if}: another hastore daemon (pid {pair.procs['alpha'].pid}) "
             f"in this network namespace uses it" in r.stdout + r.stderr)
