@@ -24,8 +24,10 @@ not ours is somebody else's data and is never overwritten.  A record with a bad 
 a live record of an unknown holder: it is free only once it has not changed for a whole lease.
 
 Acquiring writes our record, waits `settle` and reads it back: two contenders that decided "free" at the same
-moment both write, the later write wins, and the one that reads back the other's record backs off.  The renewer
-reads before every renewal and stops (without writing) the moment the block is not exactly what it last wrote,
+moment both write, the later write wins, and the one that reads back the other's record backs off.  That holds
+only while no write lands more than `settle` after the read that decided it (Fischer's algorithm), so an
+acquirer whose last read and write took longer than `gap_limit_s` gives up rather than trust its read-back.
+The renewer reads before every renewal and stops (without writing) the moment the block is not exactly what it last wrote,
 or when more than `lease_ms - renew_ms/2` passed since its last write (it may have stalled long enough for a
 contender to take over; writing then would clobber the new holder).
 
@@ -151,8 +153,11 @@ class Verdict(namedtuple("Verdict", "kind reason until", defaults=(None,))):
     __slots__ = ()
 
 
-def first_look(block: Block, me: str) -> Verdict:
-    """What a would-be holder concludes from its first read."""
+def first_look(block: Block, me: str, mine: bytes | None = None) -> Verdict:
+    """What a would-be holder concludes from its first read.  `mine`: the nonce of the record this node's last
+    renewer held, if it knows one.  Only that record is this node's to take at once: one that names this node
+    with another nonce was left by an earlier boot or by an acquire that gave up (see `write_gap`), and may have
+    replaced a record another node had confirmed, so it is watched like any other."""
     if block.kind == EMPTY:
         return Verdict(FREE, "the lock area is empty")
     if block.kind == FOREIGN:
@@ -160,8 +165,11 @@ def first_look(block: Block, me: str) -> Verdict:
                                f"to overwrite it: point offset at an unused area, or zero it if you are sure")
     if block.record is not None and block.record.released:
         return Verdict(FREE, f"the lease was {block.record.describe()}")
+    if mine is not None and block.names(me, mine):
+        return Verdict(OURS, f"the record is the one this node's last renewer held ({block.record.describe()})")
     if block.names(me):
-        return Verdict(OURS, f"the record already names this node ({block.record.describe()})")
+        return Verdict(WATCH, f"the lease is {block.describe()}, written by an earlier run on this node that no "
+                              f"renewer of ours holds now")
     return Verdict(WATCH, f"the lease is {block.describe()}")
 
 
@@ -214,8 +222,26 @@ def renewal_check(block: Block, mine: Record, last_write: float, now: float) -> 
 
 def settle_s(renew_ms: int) -> float:
     """How long an acquirer waits before reading its record back: longer than any contender's gap between its
-    last read and its write (a few ms), short against the lease."""
+    last read and the end of its write, which every acquirer holds below `gap_limit_s` (see `write_gap`)."""
     return min(max(renew_ms / 2, 20), 500) / 1000
+
+
+def gap_limit_s(renew_ms: int) -> float:
+    """The longest an acquirer may take from starting its last read to the end of its write: 4/5 of the settle,
+    so that a contender's write has landed before anyone reads back (Fischer's mutual exclusion)."""
+    return settle_s(renew_ms) * 0.8
+
+
+def write_gap(read_at: float, written_at: float, renew_ms: int) -> Verdict:
+    """After writing our record: a contender that decided "free" before our write may have written since, and
+    read back before its write landed only if we took longer than the gap limit.  Then our record may have
+    replaced one that somebody already confirmed, and holding it would make two holders: give up instead."""
+    gap_ms, limit_ms = (written_at - read_at) * 1000, gap_limit_s(renew_ms) * 1000
+    if gap_ms > limit_ms:
+        return Verdict(REFUSE, f"{gap_ms:.0f}ms passed between our last read of the lease and the end of our "
+                               f"write, more than the {limit_ms:.0f}ms that keep two acquirers apart: a "
+                               f"contender may have confirmed its record before ours landed; giving up")
+    return Verdict(OURS, f"written {gap_ms:.0f}ms after our last read")
 
 
 def poll_s(renew_ms: int) -> float:

@@ -4,6 +4,8 @@ holder only after the lease, simultaneous starts, foreign data, and Debian's ocf
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import signal
@@ -88,7 +90,11 @@ def test_wrong_block_size():
 def test_first_look():
     assert L.first_look(L.decode(bytes(L.BLOCK)), "bravo").kind == L.FREE
     assert L.first_look(L.decode(rec(released=True).encode()), "bravo").kind == L.FREE
-    assert L.first_look(L.decode(rec().encode()), "alpha").kind == L.OURS
+    assert L.first_look(L.decode(rec().encode()), "alpha", NONCE).kind == L.OURS
+    # naming this node is not enough: an earlier boot or an acquire that gave up wrote it; watched like any other
+    for nonce in (None, bytes(16)):
+        v = L.first_look(L.decode(rec().encode()), "alpha", nonce)
+        assert v.kind == L.WATCH and "earlier run on this node" in v.reason
     assert L.first_look(L.decode(rec().encode()), "bravo").kind == L.WATCH
     foreign = bytearray(L.BLOCK)
     foreign[:4] = b"\x53\xef\x01\x00"
@@ -146,6 +152,14 @@ def test_confirm_after_settle():
     assert v.kind == L.HELD_BY_OTHER and "lost the race" in v.reason and "alpha" in v.reason
 
 
+def test_write_gap_limit_keeps_two_acquirers_apart():
+    limit = L.gap_limit_s(500)
+    assert limit < L.settle_s(500), "a write lands before any contender reads back"
+    assert L.write_gap(10.0, 10.0 + limit * 0.9, 500).kind == L.OURS
+    slow = L.write_gap(10.0, 10.0 + limit + 0.001, 500)
+    assert slow.kind == L.REFUSE and "giving up" in slow.reason and f"{limit * 1000:.0f}ms" in slow.reason
+
+
 def test_renewal_check():
     mine = rec(counter=9)
     block = L.decode(mine.encode())
@@ -189,6 +203,59 @@ def test_device_refusals(image, tmp_path):
         L.LeaseDevice(image + ".missing", 0)
     with pytest.raises(ValueError, match="neither a block device nor a regular file"):
         L.LeaseDevice(str(tmp_path), 0)
+
+
+def _load_agent(run_dir: Path):
+    os.environ["HASTORE_RUN_DIR"] = str(run_dir)
+    try:
+        loader = importlib.machinery.SourceFileLoader("hastore_agent_disklock", str(AGENT))
+        spec = importlib.util.spec_from_loader(loader.name, loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module
+    finally:
+        del os.environ["HASTORE_RUN_DIR"]
+
+
+def test_a_write_that_lands_late_is_not_trusted_even_when_it_reads_back(image, tmp_path):
+    """Fischer's race: bravo and we both read "free"; our write stalls; bravo writes, settles, reads its own
+    record back and holds the lease; then our write lands on top of it and reads back as ours.  Without the gap
+    limit we would hold it too.  The agent gives up instead (bravo's renewer then sees the change and stops)."""
+    agent = _load_agent(tmp_path)
+    c = agent.config({"device": image, "lease_ms": "1500", "offset": "0", "node": "alpha"})
+    settle = L.settle_s(c["renew_ms"])
+    bravo = rec(owner="bravo", gen=1)
+
+    class Stalls(L.LeaseDevice):
+        def write(self, data: bytes) -> None:
+            other = L.LeaseDevice(image, 0)
+            try:
+                other.write(bravo.encode())                     # bravo, which read "free" too, writes,
+                time.sleep(settle)                               # settles
+                assert L.confirm(other.read(), bravo).kind == L.OURS  # and holds the lease
+            finally:
+                other.close()
+            super().write(data)                                  # our stalled write lands afterwards
+
+    dev = Stalls(image, 0)
+    try:
+        with pytest.raises(agent.AgentError, match="giving up") as e:
+            agent.acquire(c, dev)
+        assert dev.read().names("alpha"), "our record did land: only the gap check stopped us"
+    finally:
+        dev.close()
+    assert e.value.code == 1
+
+
+def test_a_prompt_write_acquires(image, tmp_path):
+    agent = _load_agent(tmp_path)
+    c = agent.config({"device": image, "lease_ms": "1500", "offset": "0", "node": "alpha"})
+    dev = L.LeaseDevice(image, 0)
+    try:
+        mine, _ = agent.acquire(c, dev)
+        assert dev.read().names("alpha", mine.nonce)
+    finally:
+        dev.close()
 
 
 # ================================================================== the agent, two lab nodes, one loop device
@@ -352,10 +419,28 @@ def test_renewer_gone_but_record_ours_fails_monitor(shared):
     os.kill(shared.renewer(a), signal.SIGKILL)
     mon = shared.run(a, "monitor")
     assert mon.returncode == 1 and "renewer" in mon.stderr and "gone" in mon.stderr
-    res = shared.run(a, "start")  # a restart takes its own lease back without waiting
+    res, took = shared.timed(a, "start")  # a restart takes its own lease back without waiting
     assert res.returncode == 0, res.stderr
+    assert took < LEASE_MS / 1000 * 0.7, took
     assert shared.block().record.generation == 2
     assert shared.run(a, "monitor").returncode == 0
+
+
+@pytest.mark.root
+def test_a_record_naming_this_node_that_no_renewer_of_ours_held_is_neither_released_nor_taken_at_once(shared):
+    """After a reboot (/run is empty) or an acquire that gave up, the record names this node but may have replaced
+    a record the other node had confirmed: stop leaves it to expire, and start watches it for a lease."""
+    a = shared.alpha
+    assert shared.run(a, "start").returncode == 0
+    os.kill(shared.renewer(a), signal.SIGKILL)
+    a.run(["sh", "-c", "rm -f /run/hastore/disklock-*.pid"], check=True)
+    res = shared.run(a, "stop")
+    assert res.returncode == 0 and "no renewer of ours held it: not releasing it" in res.stderr, res.stderr
+    assert shared.block().names("alpha"), "not released"
+    res, took = shared.timed(a, "start")
+    assert res.returncode == 0, res.stderr
+    assert "earlier run on this node" in res.stderr and took >= LEASE_MS / 1000 * 0.9, (took, res.stderr)
+    assert shared.block().record.generation == 2
 
 
 @pytest.mark.root
