@@ -17,7 +17,7 @@ from hastore.config.model import AutoFailback, Config, Group
 from hastore.core import actions as A
 from hastore.core import events as E
 from hastore.core.arbitration import PingView
-from hastore.core.membership import Change, Liveness, Membership
+from hastore.core.membership import EPS, Change, Liveness, Membership
 from hastore.core.resources import GroupOps, Outcome, Policy
 from hastore.core.wire import Message, MsgType, Verdict, Verifier, encode, signing_key
 
@@ -89,7 +89,6 @@ class Engine:
         self.ops = {g.name: GroupOps(g, policy or Policy()) for g in config.groups}
         self.standby: set[str] = set()  # groups an operator moved away from this node
         self.probed = False
-        self.isolated_since: float | None = None  # since when no ping node and no peer are seen
         self.restart_grace_ms = 0  # set by Restarting: beats ask the peer to wait this long for our next image
         self.outbox: dict[int, Pending] = {}
         self.next_beat = now
@@ -368,17 +367,19 @@ class Engine:
     def _cut_off(self, now: float, alive: bool, verdict) -> str:
         """Non-empty (the reason) once this node has seen no ping node and no peer for deadtime: cut off from the
         LAN it serves nobody, and holding the groups (their disk lock) would keep the peer from taking them
-        (what Pacemaker's ping rule does too; if the ping nodes are down for both nodes, nobody runs them)."""
+        (what Pacemaker's ping rule does too; if the ping nodes are down for both nodes, nobody runs them).
+        Counted from the last beat or echo reply received: when one cut silences both at once, the peer is
+        declared dead and the ping nodes stop counting at about the same moment, deadtime after the cut, and
+        waiting another deadtime from then would only hold the disk lock away from the peer for longer."""
         if alive or not self.pings.configured or verdict.may_take_over:
-            self.isolated_since = None
             return ""
-        if self.isolated_since is None:
-            self.isolated_since = now
-        deadtime = self.config.timing.deadtime_ms / 1000
-        if now - self.isolated_since < deadtime:
+        heard = [lt.last_heard for t in self.membership.peers.values() for lt in t.links.values()
+                 if lt.last_heard is not None]
+        last = max([self.membership.started, *heard, *self.pings.last_reply.values()])
+        if now - last < self.config.timing.deadtime_ms / 1000 - EPS:
             return ""
-        return (f"cut off: no ping node and no peer for {self.config.timing.deadtime_ms} ms ({verdict.reason}); "
-                f"the peer may take it")
+        return (f"cut off: no ping node and no peer for {round((now - last) * 1000)} ms, deadtime "
+                f"{self.config.timing.deadtime_ms} ms ({verdict.reason}); the peer may take it")
 
     def _waits_after_failure(self, g: GroupTrack, now: float, alive: bool, info: PeerInfo) -> bool:
         """A group failed here: this node leaves it to an alive peer that can take it, and otherwise tries again,

@@ -251,12 +251,23 @@ def test_a_holder_cut_off_from_peer_and_ping_nodes_releases_so_the_peer_can_take
     c.advance(4.0)
     assert c.holders("db") == {"bravo"}
     released = [t for t, d in c.nodes["alpha"].log if "releasing group db: cut off: no ping node and no peer" in d.reason]
-    assert released and released[0] - t0 >= 1.0  # not before deadtime of isolation
+    dead = [t for t, d in c.nodes["alpha"].log if "bravo is dead" in d.reason]
+    # deadtime after the last beat and echo reply (at most a keepalive before the cut), when bravo is declared
+    # dead, and not a second deadtime on top of that
+    assert released and dead and released[0] >= dead[0] and 0.8 <= released[0] - t0 < 1.0 + 0.3, released[0] - t0
     # Alone with its ping nodes, a holder keeps the group (its peer is merely dead).
     c2 = settled_with_ping_node()
     c2.nodes["bravo"].running_daemon = False
     c2.advance(4.0)
     assert c2.holders("db") == {"alpha"} and "cut off" not in c2.reasons("alpha")
+    # A lone holder that then loses its ping nodes too releases once no echo reply came for deadtime: it is cut off.
+    t1 = c2.now
+    c2.nodes["alpha"].sees_pings = set()
+    c2.advance(0.75)
+    assert c2.holders("db") == {"alpha"}, "not before deadtime without an echo reply"
+    c2.advance(1.0)
+    released = [t for t, d in c2.nodes["alpha"].log if "releasing group db: cut off" in d.reason]
+    assert released and 0.8 <= released[0] - t1 < 1.0 + 0.3 and not c2.holders("db")
 
 
 def test_the_guards_farewell_lets_the_peer_take_over_at_once_and_outranks_the_old_daemon():
