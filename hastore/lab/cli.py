@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from hastore.config.durations import parse_duration
 from hastore.lab import keeper as K
 from hastore.lab import netns
 from hastore.io.proc import start_ticks
@@ -125,6 +126,11 @@ def up(d: Path, owner_pid: int | None = None, **opts: str) -> dict:
 
     owner_pid: the lab takes itself down when that process exits (what tests pass: a killed test run
     leaves nothing behind)."""
+    for name in ("keepalive", "warntime", "deadtime", "initdead"):
+        try:
+            parse_duration(opts.get(name, "1s"))
+        except ValueError as e:
+            raise LabCliError(f"--{name}: {e}") from None
     if keeper_alive(d) and (d / K.STATE_FILE).exists():
         return state(d)
     if d.exists() and any(d.iterdir()) and not (d / OWNER_FILE).exists():

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hastore.config.durations import parse_duration
 from hastore.io.proc import start_ticks
 from hastore.lab import netns
 from hastore.lab.netns import Lab, LabError
@@ -41,7 +42,7 @@ VIP = "10.90.0.100"
 DB = {"user": "lab", "password": "lab", "database": "lab", "port": 3306}
 IMAGE_MB = 400
 LOCK_MB = 1
-LEASE_MS, WAIT_MS = 1500, 8000
+WAIT_MS = 8000
 READY_TIMEOUT = 180.0
 FAULTS = ("kill", "hang", "stop", "crash", "link-down", "loss", "heal", "start")
 
@@ -62,9 +63,17 @@ def group_running_on(status: dict, node: str) -> bool:
         all(r["state"] == "started" for r in g.get("resources", []))
 
 
-def haresources_line(d: Path, lock: str, data: str, first: str) -> str:
+def lease_ms(deadtime: str) -> int:
+    """The disk lease as long as the deadtime: a crashed holder's lease has run out by the time the heartbeat
+    declares it dead (it was last renewed up to lease/3 before the crash), so a takeover does not wait for it on
+    top of the deadtime.  At least 600 ms, so that the holder's renewer can miss a renewal or two (a lease it
+    cannot renew in lease - renew/2 it gives up)."""
+    return max(parse_duration(deadtime), 600)
+
+
+def haresources_line(d: Path, lock: str, data: str, first: str, lease: int) -> str:
     mnt = d / "data"
-    return (f"{first} disklock::{lock}::{LEASE_MS}::{WAIT_MS} Filesystem::{data}::{mnt}::ext4 "
+    return (f"{first} disklock::{lock}::{lease}::{WAIT_MS} Filesystem::{data}::{mnt}::ext4 "
             f"IPaddr::{VIP}/24 mysql::{mnt}/mysql::--host-cache-size=0")  # probes are not connect errors
 
 
@@ -85,7 +94,8 @@ class Keeper:
         self.lab.start()
         self._shared_disk()
         first = sorted(self.lab.nodes)[0]
-        resources = haresources_line(self.d, self.loops["lock"], self.loops["data"], first).split(" ", 1)[1]
+        resources = haresources_line(self.d, self.loops["lock"], self.loops["data"], first,
+                                     lease_ms(self.opts.deadtime)).split(" ", 1)[1]
         timing = PairTiming(self.opts.keepalive, self.opts.warntime, self.opts.deadtime, self.opts.initdead)
         self.pair = Pair(self.lab, timing, resources=resources, auto_failback=self.opts.auto_failback)
         self.pair.start_all()
