@@ -57,10 +57,26 @@ def add_parser(sub) -> None:
     vm_cli.add_parser(lsub)
 
 
+def take_exec_options(args) -> None:
+    """`exec NODE [--dir DIR] [--] CMD...`: argparse hands everything after NODE to the command, so a --dir
+    written there would run as part of it; take it as the option it was meant to be, and drop the `--`."""
+    argv = list(args.argv)
+    while argv[:1] != ["--"] and argv and argv[0].startswith("--dir"):
+        if argv[0] == "--dir" and len(argv) > 1:
+            args.dir, argv = argv[1], argv[2:]
+        elif argv[0].startswith("--dir="):
+            args.dir, argv = argv[0][len("--dir="):], argv[1:]
+        else:
+            break
+    args.argv = argv[1:] if argv[:1] == ["--"] else argv
+
+
 def main(args) -> int:
     if os.geteuid() != 0:
         print("hastore lab: needs root (network namespaces, loop devices, mounts)", file=sys.stderr)
         return 1
+    if getattr(args, "argv", None) is not None:
+        take_exec_options(args)
     if args.lab_command == "vm":
         from hastore.lab.vm import cli as vm_cli
         return vm_cli.main(args)
@@ -232,8 +248,6 @@ def cmd_exec(d: Path, node: str, argv: list[str]) -> int:
     info = state(d)
     if node not in info["nodes"]:
         raise LabCliError(f"no node {node!r}; nodes: {', '.join(info['nodes'])}")
-    if argv and argv[0] == "--":
-        argv = argv[1:]
     pid = info["nodes"][node]["anchor_pid"]
     cmd = ["nsenter", "-t", str(pid), "-n", "-m", "-u", "--wd=/", "--", *(argv or ["bash", "-i"])]
     os.execvp(cmd[0], cmd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,23 @@ def test_the_lease_follows_deadtime_with_a_floor():
     assert lease_ms("300ms") == 600
     line = haresources_line(Path("/var/tmp/x"), "/dev/loop7", "/dev/loop8", "alpha", lease_ms("3s"))
     assert line.startswith("alpha disklock::/dev/loop7::3000::8000 Filesystem::/dev/loop8::/var/tmp/x/data::ext4 ")
+
+
+@pytest.mark.parametrize("argv, want_dir, want_cmd", [
+    (["--dir", "/var/tmp/l", "--", "hastore", "status"], "/var/tmp/l", ["hastore", "status"]),
+    (["--dir=/var/tmp/l", "ip", "a"], "/var/tmp/l", ["ip", "a"]),
+    (["--", "ls", "--dir", "x"], "/default", ["ls", "--dir", "x"]),    # after `--` it is the command's
+    (["ls", "--dir", "x"], "/default", ["ls", "--dir", "x"]),
+    ([], "/default", []),
+])
+def test_exec_takes_a_dir_written_after_the_node(argv, want_dir, want_cmd):
+    args = argparse.Namespace(dir="/default", argv=argv)
+    cli.take_exec_options(args)
+    assert (args.dir, args.argv) == (want_dir, want_cmd)
+
+
+def test_exec_parses_through_the_real_parser():
+    from hastore.cli.main import _parser
+    args = _parser().parse_args(["lab", "vm", "exec", "alpha", "--dir", "/var/tmp/v", "--", "true"])
+    cli.take_exec_options(args)
+    assert (args.dir, args.argv) == ("/var/tmp/v", ["true"])

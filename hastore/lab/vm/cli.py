@@ -49,8 +49,7 @@ def main(args) -> int:
             print(json.dumps(st, indent=1)) if args.json else print_status(st)
             return 0
         if args.vm_command == "exec":
-            argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-            rc, out, err = lab.exec(args.node, argv or ["true"], timeout=3600)
+            rc, out, err = lab.exec(args.node, args.argv or ["true"], timeout=3600)
             sys.stdout.write(out)
             sys.stderr.write(err)
             return rc
