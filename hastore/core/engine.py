@@ -98,6 +98,9 @@ class Engine:
         self.first_heard: dict[str, tuple[int, int, float]] = {}  # per peer: generation, seq, arrival of its newest
         self.last_beat_body: dict | None = None  # what our previous beat said (a beat saying the same is no news)
         self.reported: set[tuple[str, str]] = set()  # one-shot notices, cleared when the condition ends
+        # Since when silence from the ping nodes means something: the start, a new set of ping nodes, or the end
+        # of a stall (no echo requests went out while the engine did not run, so no replies could come back).
+        self.pings_since = now
         self.now = now
 
     # ------------------------------------------------------------------------------------------
@@ -106,6 +109,8 @@ class Engine:
         return self.config.peers[0] if self.config.peers else None
 
     def handle(self, event: E.Event, now: float) -> A.Decision:
+        if now - self.now > 2 * self.config.timing.keepalive_ms / 1000:
+            self.pings_since = now  # it runs at least every keepalive (our beat's tick): it was stalled
         self.now = now
         out: list[A.Action] = []
         why: list[str] = []
@@ -370,12 +375,14 @@ class Engine:
         (what Pacemaker's ping rule does too; if the ping nodes are down for both nodes, nobody runs them).
         Counted from the last beat or echo reply received: when one cut silences both at once, the peer is
         declared dead and the ping nodes stop counting at about the same moment, deadtime after the cut, and
-        waiting another deadtime from then would only hold the disk lock away from the peer for longer."""
+        waiting another deadtime from then would only hold the disk lock away from the peer for longer.  Never
+        from before `pings_since`: at start, after new ping nodes were configured or after a stall, silence
+        from ping nodes that were not asked means nothing."""
         if alive or not self.pings.configured or verdict.may_take_over:
             return ""
         heard = [lt.last_heard for t in self.membership.peers.values() for lt in t.links.values()
                  if lt.last_heard is not None]
-        last = max([self.membership.started, *heard, *self.pings.last_reply.values()])
+        last = max([self.pings_since, *heard, *self.pings.last_reply.values()])
         if now - last < self.config.timing.deadtime_ms / 1000 - EPS:
             return ""
         return (f"cut off: no ping node and no peer for {round((now - last) * 1000)} ms, deadtime "
@@ -616,6 +623,7 @@ class Engine:
             last = self.pings.last_reply
             self.pings = PingView(new.ping_nodes, new.ping_groups, new.timing.deadtime_ms / 1000)
             self.pings.last_reply = {a: t for a, t in last.items() if a in self.pings.addresses()}
+            self.pings_since = self.now  # the new ones have not been asked yet
         if new.auto_failback != old.auto_failback:
             changed.append(f"auto_failback {old.auto_failback.value} -> {new.auto_failback.value}")
         self.config = new

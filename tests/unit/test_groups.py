@@ -270,6 +270,32 @@ def test_a_holder_cut_off_from_peer_and_ping_nodes_releases_so_the_peer_can_take
     assert released and 0.8 <= released[0] - t1 < 1.0 + 0.3 and not c2.holders("db")
 
 
+def test_a_lone_holder_is_not_cut_off_by_a_reload_of_its_ping_nodes_nor_by_a_stall():
+    """Silence from ping nodes nobody asked means nothing: new ping nodes after SIGHUP, or none asked while the
+    daemon was stopped for longer than deadtime."""
+    from dataclasses import replace
+    c = settled_with_ping_node()
+    c.nodes["bravo"].running_daemon = False
+    c.advance(4.0)
+    assert c.holders("db") == {"alpha"}
+    alpha = c.nodes["alpha"]
+    new = make_config("alpha", groups=(GROUP,), ping=("10.0.0.253",))
+    alpha.sees_pings = {"10.0.0.253"}
+    d = c.deliver(E.Reload(replace(new, auto_failback=alpha.engine.config.auto_failback)), "alpha")
+    assert "ping nodes ['10.0.0.254'] -> ['10.0.0.253']" in d.reason
+    c.advance(3.0)
+    alpha.frozen = True
+    c.advance(1.5)
+    alpha.frozen = False
+    c.advance(3.0)
+    assert c.holders("db") == {"alpha"} and "cut off" not in c.reasons("alpha")
+    assert not [o for _, _, _, o, _ in alpha.ops_log if o == "stop"]
+    # and it is still cut off once the new ping node goes quiet
+    alpha.sees_pings = set()
+    c.advance(2.0)
+    assert "releasing group db: cut off" in c.reasons("alpha") and not c.holders("db")
+
+
 def test_the_guards_farewell_lets_the_peer_take_over_at_once_and_outranks_the_old_daemon():
     """What the daemon hands its guard (Engine.farewell): after the guard stopped everything, the peer treats it as
     a LEAVE at once, not after deadtime; the daemon's own later messages of that generation count for nothing."""
