@@ -220,28 +220,32 @@ def renewal_check(block: Block, mine: Record, last_write: float, now: float) -> 
     return Verdict(OURS, "renew")
 
 
-def settle_s(renew_ms: int) -> float:
+def settle_s(*renew_ms: int) -> float:
     """How long an acquirer waits before reading its record back: longer than any contender's gap between its
-    last read and the end of its write, which every acquirer holds below `gap_limit_s` (see `write_gap`)."""
-    return min(max(renew_ms / 2, 20), 500) / 1000
+    last read and the end of its write, which every acquirer holds below `gap_limit_s` (see `write_gap`).
+    Given the renew_ms of the record it replaces too, the longer of the two: a contender that uses that record's
+    parameters (the other node, configured differently during a rolling change) then is covered as well.
+    Both nodes are meant to use the same parameters, as they share one haresources."""
+    return max(min(max(r / 2, 20), 500) for r in renew_ms) / 1000
 
 
-def gap_limit_s(renew_ms: int) -> float:
-    """The longest an acquirer may take from starting its last read to the end of its write: 4/5 of the settle,
-    so that a contender's write has landed before anyone reads back (Fischer's mutual exclusion)."""
-    return settle_s(renew_ms) * 0.8
+def gap_limit_s(*renew_ms: int) -> float:
+    """The longest an acquirer may take from starting its last read to the end of its write: 4/5 of the shortest
+    settle among the parameters given, so that its write has landed before a contender reads back (Fischer's
+    mutual exclusion)."""
+    return min(settle_s(r) for r in renew_ms) * 0.8
 
 
-def write_gap(read_at: float, written_at: float, renew_ms: int) -> Verdict:
+def write_gap(read_at: float, written_at: float, *renew_ms: int) -> Verdict:
     """After writing our record: a contender that decided "free" before our write may have written since, and
     read back before its write landed only if we took longer than the gap limit.  Then our record may have
     replaced one that somebody already confirmed, and holding it would make two holders: give up instead."""
-    gap_ms, limit_ms = (written_at - read_at) * 1000, gap_limit_s(renew_ms) * 1000
+    gap_ms, limit_ms = (written_at - read_at) * 1000, gap_limit_s(*renew_ms) * 1000
     if gap_ms > limit_ms:
         return Verdict(REFUSE, f"{gap_ms:.0f}ms passed between our last read of the lease and the end of our "
                                f"write, more than the {limit_ms:.0f}ms that keep two acquirers apart: a "
                                f"contender may have confirmed its record before ours landed; giving up")
-    return Verdict(OURS, f"written {gap_ms:.0f}ms after our last read")
+    return Verdict(OURS, f"wrote our record {gap_ms:.0f}ms after our last read (at most {limit_ms:.0f}ms)")
 
 
 def poll_s(renew_ms: int) -> float:

@@ -154,7 +154,13 @@ def test_confirm_after_settle():
 
 def test_write_gap_limit_keeps_two_acquirers_apart():
     limit = L.gap_limit_s(500)
-    assert limit < L.settle_s(500), "a write lands before any contender reads back"
+    assert (limit, L.settle_s(500)) == (0.2, 0.25)
+    # Two nodes configured differently, both replacing a record one of them wrote: each one's gap limit stays
+    # below the other's settle, so a write always lands before the other reads back.
+    for mine, theirs in ((500, 3333), (100, 1000), (3333, 500), (10, 50_000)):
+        for record in (mine, theirs):
+            assert L.gap_limit_s(mine, record) < L.settle_s(theirs, record), (mine, theirs, record)
+    assert (L.settle_s(500, 3333), L.gap_limit_s(500, 3333)) == (0.5, 0.2)
     assert L.write_gap(10.0, 10.0 + limit * 0.9, 500).kind == L.OURS
     slow = L.write_gap(10.0, 10.0 + limit + 0.001, 500)
     assert slow.kind == L.REFUSE and "giving up" in slow.reason and f"{limit * 1000:.0f}ms" in slow.reason
@@ -206,6 +212,7 @@ def test_device_refusals(image, tmp_path):
 
 
 def _load_agent(run_dir: Path):
+    before = os.environ.get("HASTORE_RUN_DIR")
     os.environ["HASTORE_RUN_DIR"] = str(run_dir)
     try:
         loader = importlib.machinery.SourceFileLoader("hastore_agent_disklock", str(AGENT))
@@ -214,7 +221,10 @@ def _load_agent(run_dir: Path):
         loader.exec_module(module)
         return module
     finally:
-        del os.environ["HASTORE_RUN_DIR"]
+        if before is None:
+            del os.environ["HASTORE_RUN_DIR"]
+        else:
+            os.environ["HASTORE_RUN_DIR"] = before
 
 
 def test_a_write_that_lands_late_is_not_trusted_even_when_it_reads_back(image, tmp_path):
@@ -245,6 +255,36 @@ def test_a_write_that_lands_late_is_not_trusted_even_when_it_reads_back(image, t
     finally:
         dev.close()
     assert e.value.code == 1
+
+
+def test_the_renewer_does_not_write_after_a_read_it_stalled_behind(image, tmp_path):
+    """A renewer held up between its read and its write reads again rather than write on what may be stale."""
+    agent = _load_agent(tmp_path)
+    c = agent.config({"device": image, "lease_ms": "1500", "offset": "0", "node": "alpha"})
+    mine = rec(owner="alpha")
+    reads, writes = [], []
+
+    class Device(L.LeaseDevice):
+        def read(self):
+            reads.append(time.monotonic())
+            if len(reads) == 1:
+                time.sleep(L.gap_limit_s(c["renew_ms"]) + 0.05)  # held up right after reading
+            if len(reads) == 3:
+                raise OSError("the test is over")
+            return super().read()
+
+        def write(self, data: bytes) -> None:
+            writes.append((len(reads), L.decode(data).record.counter))
+            super().write(data)
+
+    dev = Device(image, 0)
+    try:
+        dev.write(mine.encode())
+        writes.clear()
+        assert agent.renew_forever(c, dev, mine, time.monotonic(), {}) == 3
+    finally:
+        dev.close()
+    assert writes == [(2, 1)], "no write after the stalled first read; the second read renews"
 
 
 def test_a_prompt_write_acquires(image, tmp_path):
