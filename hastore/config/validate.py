@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from .durations import format_duration as fmt
 from .hacf import SPEEDS
-from .model import AuthAlgorithm, Config, Link, LinkKind
+from .model import AuthAlgorithm, Config, Link, LinkKind, Timing
 
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
@@ -83,6 +83,13 @@ def check(cfg: Config, where: Locator, skip: frozenset[str] = frozenset()) -> tu
     _check_groups(cfg, where, err, "nodes" in skip)
     _check_misc(cfg, err)
     return errors, warnings
+
+
+def timing_errors(t: Timing) -> list[str]:
+    """What the timing checks reject in `t`, as bare sentences (for callers with no file to point at)."""
+    errors: list[str] = []
+    _check_timing(Config(node="-", nodes=("-",), timing=t), lambda key, msg: errors.append(msg), lambda *_: None)
+    return errors
 
 
 def _check_timing(cfg: Config, err, warn) -> None:

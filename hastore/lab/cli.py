@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 from hastore.config.durations import parse_duration
+from hastore.config.model import Timing
+from hastore.config.validate import timing_errors
 from hastore.lab import keeper as K
 from hastore.lab import netns
 from hastore.io.proc import start_ticks
@@ -142,11 +144,15 @@ def up(d: Path, owner_pid: int | None = None, **opts: str) -> dict:
 
     owner_pid: the lab takes itself down when that process exits (what tests pass: a killed test run
     leaves nothing behind)."""
+    ms = {}
     for name in ("keepalive", "warntime", "deadtime", "initdead"):
         try:
-            parse_duration(opts.get(name, "1s"))
+            ms[name] = parse_duration(opts.get(name) or getattr(K.Options, name))
         except ValueError as e:
             raise LabCliError(f"--{name}: {e}") from None
+    bad = timing_errors(Timing(ms["keepalive"], ms["warntime"], ms["deadtime"], ms["initdead"]))
+    if bad:
+        raise LabCliError("; ".join(bad))
     if keeper_alive(d) and (d / K.STATE_FILE).exists():
         return state(d)
     if d.exists() and any(d.iterdir()) and not (d / OWNER_FILE).exists():

@@ -64,10 +64,10 @@ def group_running_on(status: dict, node: str) -> bool:
 
 
 def lease_ms(deadtime: str) -> int:
-    """The disk lease as long as the deadtime: a crashed holder's lease has run out by the time the heartbeat
-    declares it dead (it was last renewed up to lease/3 before the crash), so a takeover does not wait for it on
-    top of the deadtime.  At least 600 ms, so that the holder's renewer can miss a renewal or two (a lease it
-    cannot renew in lease - renew/2 it gives up)."""
+    """The disk lease as long as the deadtime: a crashed holder's lease runs out about when the heartbeat
+    declares it dead (it was last renewed up to lease/3 before the crash; the peer's observer sees changes up to
+    renew/2 late), so a takeover does not wait a whole lease on top of the deadtime.  At least 600 ms, so that
+    the holder's renewer can miss a renewal (a lease it cannot renew in lease - renew/2 it gives up)."""
     return max(parse_duration(deadtime), 600)
 
 

@@ -19,6 +19,15 @@ def test_a_bad_timing_names_its_option_and_builds_nothing(tmp_path, name):
     assert not d.exists()
 
 
+def test_timings_that_do_not_fit_together_are_refused_before_building(tmp_path):
+    d = tmp_path / "lab"
+    with pytest.raises(cli.LabCliError, match=r"deadtime 300ms must be more than 2 x keepalive 200ms"):
+        cli.up(d, deadtime="300ms")
+    with pytest.raises(cli.LabCliError, match=r"initdead 1s must be at least deadtime 2s"):
+        cli.up(d, deadtime="2s", initdead="1s")
+    assert not d.exists()
+
+
 def test_the_lease_follows_deadtime_with_a_floor():
     assert lease_ms("1s") == 1000
     assert lease_ms("2500ms") == 2500
