@@ -54,6 +54,12 @@ def require_qemu() -> None:
     pytest.skip(why)
 
 
+def wait_group(vm, what: str, node: str, group: str = "group1"):
+    """Until the group runs on node, or 240 s; a timeout shows both guests' `hastore status` and console tail."""
+    return wait_until(what, lambda: vm.group_on(node, group), 240, step=1.0,
+                      explain=lambda: vm.explain("alpha", "bravo"))
+
+
 @pytest.fixture(scope="module")
 def vm(as_root):
     require_qemu()
@@ -150,10 +156,10 @@ def test_hastore_fails_the_group_over_when_the_active_guest_is_powered_off(vm):
     for node in ("alpha", "bravo"):
         vm.provision(node, "start")
     t0 = time.monotonic()
-    wait_until("the group running on alpha", lambda: vm.group_on("alpha"), 240, step=1.0)
+    wait_group(vm, "the group running on alpha", "alpha")
     print(f"group started on alpha {time.monotonic() - t0:.1f} s after hastore started")
     # the second example group: an NFS export on r1, preferred by bravo; alpha mounts it through its VIP
-    wait_until("the NFS group running on bravo", lambda: vm.group_on("bravo", "group2"), 240, step=1.0)
+    wait_group(vm, "the NFS group running on bravo", "bravo", "group2")
     print(f"NFS group started on bravo {time.monotonic() - t0:.1f} s after hastore started")
     sh(vm, "alpha", f"mkdir -p /mnt/nfs && mount -t nfs -o vers=3,nolock,soft,timeo=50,retrans=2 "
                     f"{NFS_IP}:/srv/nfs/export /mnt/nfs && echo written-through-nfs > /mnt/nfs/from-alpha "
@@ -246,7 +252,7 @@ def test_fault_kinds_serial_down_then_kill_of_the_holders_daemon(vm):
     # kill -9 of the holder's daemon: the node is up, its resources must not stay beside the peer's
     t0 = time.monotonic()
     vm.fault("alpha", "kill")
-    wait_until("the group taken over by bravo", lambda: vm.group_on("bravo"), 240, step=1.0)
+    wait_group(vm, "the group taken over by bravo", "bravo")
     print(f"\nkill -9 of alpha's daemon: group running on bravo {time.monotonic() - t0:.1f} s later")
     assert VIP_IP not in vm.exec("alpha", ["ip", "-o", "addr", "show"], timeout=20)[1], "VIP left on alpha"
     assert " /data " not in vm.exec("alpha", ["cat", "/proc/mounts"], timeout=20)[1], "/data still mounted on alpha"

@@ -41,15 +41,16 @@ class VmLabError(RuntimeError):
     """The VM lab could not do what was asked; the message says what and why."""
 
 
-def wait_until(what: str, pred, timeout: float, step: float = 0.2):
-    """pred()'s first true value, polled every `step` s; VmLabError after `timeout` s."""
+def wait_until(what: str, pred, timeout: float, step: float = 0.2, explain=None):
+    """pred()'s first true value, polled every `step` s; VmLabError after `timeout` s, with what `explain()`
+    returns appended (what the guests looked like at the end)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
         if value:
             return value
         time.sleep(step)
-    raise VmLabError(f"timed out after {timeout:g} s waiting for {what}")
+    raise VmLabError(f"timed out after {timeout:g} s waiting for {what}" + (f"\n{explain()}" if explain else ""))
 
 
 class VmLab:
@@ -159,6 +160,23 @@ class VmLab:
         return True
 
     # --------------------------------------------------------------------- commands
+    def explain(self, *nodes: str) -> str:
+        """For a failure message: per guest, `hastore status` (or why the command channel could not run it)
+        and the tail of its console log."""
+        out = []
+        for node in nodes:
+            try:
+                rc, stdout, stderr = self.exec(node, ["hastore", "status"], timeout=20)
+                said = stdout if rc == 0 else f"rc {rc}: {stderr}"
+            except CtlError as e:
+                said = f"the command channel failed: {e}"
+            try:
+                tail = (self.dir / f"{node}.console.log").read_text(errors="replace").splitlines()[-15:]
+            except OSError as e:
+                tail = [f"({e})"]
+            out.append(f"--- {node}: hastore status\n{said.rstrip()}\n--- {node}: console tail\n" + "\n".join(tail))
+        return "\n".join(out)
+
     def exec(self, node: str, argv: list[str], timeout: float = 60.0, input: str | None = None,
              env: dict[str, str] | None = None) -> tuple[int, str, str]:
         """Run argv in the guest: (rc, stdout, stderr)."""
