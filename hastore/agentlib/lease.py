@@ -27,8 +27,8 @@ Acquiring writes our record, waits `settle` and reads it back: two contenders th
 moment both write, the later write wins, and the one that reads back the other's record backs off.  That holds
 only while no write lands more than `settle` after the read that decided it (Fischer's algorithm), so an
 acquirer whose last read and write took longer than `gap_limit_s` gives up rather than trust its read-back.
-The renewer reads before every renewal and stops (without writing) the moment the block is not exactly what it last wrote,
-or when more than `lease_ms - renew_ms/2` passed since its last write (it may have stalled long enough for a
+The renewer reads before every renewal and stops (without writing) the moment the block is not exactly what it
+last wrote, or when more than `lease_ms - renew_ms/2` passed since its last write (it may have stalled long enough for a
 contender to take over; writing then would clobber the new holder).
 
 Only `LeaseDevice` does I/O (O_DIRECT | O_SYNC, a page-aligned mmap buffer); everything else is pure and is
@@ -236,12 +236,18 @@ def gap_limit_s(*renew_ms: int) -> float:
     return min(settle_s(r) for r in renew_ms) * 0.8
 
 
+def stale(read_at: float, now: float, *renew_ms: int) -> bool:
+    """Whether a read is too old to write on: more than the gap limit ago (the renewer and the release read again
+    then; an acquirer that finds its read stale after writing gives up, see write_gap)."""
+    return now - read_at > gap_limit_s(*renew_ms)
+
+
 def write_gap(read_at: float, written_at: float, *renew_ms: int) -> Verdict:
     """After writing our record: a contender that decided "free" before our write may have written since, and
     read back before its write landed only if we took longer than the gap limit.  Then our record may have
     replaced one that somebody already confirmed, and holding it would make two holders: give up instead."""
     gap_ms, limit_ms = (written_at - read_at) * 1000, gap_limit_s(*renew_ms) * 1000
-    if gap_ms > limit_ms:
+    if stale(read_at, written_at, *renew_ms):
         return Verdict(REFUSE, f"{gap_ms:.0f}ms passed between our last read of the lease and the end of our "
                                f"write, more than the {limit_ms:.0f}ms that keep two acquirers apart: a "
                                f"contender may have confirmed its record before ours landed; giving up")

@@ -63,7 +63,7 @@ def take_exec_options(args) -> None:
     """`exec NODE [--dir DIR] [--] CMD...`: argparse hands everything after NODE to the command, so a --dir
     written there would run as part of it; take it as the option it was meant to be, and drop the `--`."""
     argv = list(args.argv)
-    while argv[:1] != ["--"] and argv and argv[0].startswith("--dir"):
+    while argv and argv[0].startswith("--dir"):
         if argv[0] == "--dir" and len(argv) > 1:
             args.dir, argv = argv[1], argv[2:]
         elif argv[0].startswith("--dir="):
