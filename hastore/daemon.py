@@ -130,6 +130,7 @@ class Daemon:
             self._resolve_ping_targets()
             self.pinger = Pinger()
             await self.pinger.open()  # replies are collected on the beat timer, see _on_timer
+        self.runner.start_launcher()
         self.control = ControlServer(self.config.control_socket, self.handle_request)
         await self.control.open()
         if self.config.guard:  # last: nothing above may block the loop past guard_timeout once it watches

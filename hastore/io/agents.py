@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hastore.config.model import Resource
 from hastore.core.resources import TIMEOUT_RC
+from hastore.io.launcher import Launcher, LauncherGone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AGENTS_DIR = REPO_ROOT / "agents"
@@ -156,6 +157,7 @@ class AgentRunner:
                       for i, r in enumerate(g.resources)}
         self.tasks: set[asyncio.Task] = set()
         self.pids: set[int] = set()
+        self.launcher: Launcher | None = None  # see start_launcher
 
     def command(self, group: str, index: int, op: str, timeout_s: float) -> Command | None:
         """None when no agent of that name exists (its stop then trivially succeeds)."""
@@ -181,18 +183,14 @@ class AgentRunner:
             os.makedirs(cmd.env["HA_RSCTMP"], exist_ok=True)  # resource-agents keep their state files there
         except OSError:
             pass
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=cmd.env, start_new_session=True)
-        except OSError as e:
-            self.done(group, index, op, op_id, OCF_NOT_INSTALLED, f"cannot run {inv.path}: {e.strerror}")
+        proc = await self._spawn(inv, op, cmd)
+        if isinstance(proc, str):
+            self.done(group, index, op, op_id, OCF_NOT_INSTALLED, proc)
             return
         t0 = asyncio.get_running_loop().time()
         self._track(proc.pid, True)
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
-            rc = proc.returncode
+            out, rc = await asyncio.wait_for(proc.communicate(), timeout_s)
         except asyncio.TimeoutError:
             kill_group(proc.pid)
             out = b""
@@ -213,6 +211,29 @@ class AgentRunner:
                           elapsed_ms=round((asyncio.get_running_loop().time() - t0) * 1000), detail=detail)
         self.done(group, index, op, op_id, rc, detail)
 
+    async def _spawn(self, inv: Invocation, op: str, cmd: Command):
+        """The running agent (pid, communicate() -> (output, rc), wait() -> rc), or why it could not start. Ours
+        are forked by the launcher when it runs (see hastore.io.launcher), the others started as processes."""
+        if self.launcher is not None and self.launcher.alive and ours(inv):
+            try:
+                return await self.launcher.run(inv.path, [op], cmd.env)
+            except LauncherGone:
+                pass  # started the usual way below; the launcher said why in the log
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, env=cmd.env, start_new_session=True)
+        except OSError as e:
+            return f"cannot run {inv.path}: {e.strerror}"
+        return _Process(proc)
+
+    def start_launcher(self) -> None:
+        """Fork our agents from a process that has imported them (saves starting Python for every call)."""
+        if self.launcher is None and any(ours(inv) for inv in self.invocations.values()):
+            launcher = Launcher(with_repo_on_path(dict(os.environ)), self.log)
+            if launcher.start():
+                self.launcher = launcher
+
     def _track(self, pid: int, running: bool) -> None:
         (self.pids.add if running else self.pids.discard)(pid)
         if self.spawned is not None:
@@ -229,6 +250,24 @@ class AgentRunner:
     def cancel_all(self) -> None:
         for t in list(self.tasks):
             t.cancel()
+        if self.launcher is not None:
+            self.launcher.close()
+            self.launcher = None
+
+
+class _Process:
+    """An agent started as a process, with the launcher's interface."""
+
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc = proc
+        self.pid = proc.pid
+
+    async def communicate(self) -> tuple[bytes, int]:
+        out, _ = await self.proc.communicate()
+        return out, self.proc.returncode
+
+    async def wait(self) -> int:
+        return await self.proc.wait()
 
 
 def with_repo_on_path(env: dict[str, str]) -> dict[str, str]:
