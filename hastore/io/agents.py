@@ -50,7 +50,7 @@ POSITIONAL = {
     "IPaddr": _by_position("ip"),
     "Filesystem": _by_position("device", "directory", "fstype", "options"),
     "drbd": _by_position("resource"),
-    "disklock": _by_position("device", "lease_ms", "wait_ms"),
+    "disklock": _by_position("device", "lease_ms", "wait_ms", "renew_ms"),
     "mysql": _by_position("datadir", "additional_parameters"),
     "nfsserver": _nfsserver_args,
 }

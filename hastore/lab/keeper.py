@@ -63,17 +63,23 @@ def group_running_on(status: dict, node: str) -> bool:
         all(r["state"] == "started" for r in g.get("resources", []))
 
 
-def lease_ms(deadtime: str) -> int:
-    """The disk lease as long as the deadtime: a crashed holder's lease runs out about when the heartbeat
-    declares it dead (it was last renewed up to lease/3 before the crash; the peer's observer sees changes up to
-    renew/2 late), so a takeover does not wait a whole lease on top of the deadtime.  At least 600 ms, so that
-    the holder's renewer can miss a renewal (a lease it cannot renew in lease - renew/2 it gives up)."""
-    return max(parse_duration(deadtime), 600)
+def lease_timing(deadtime: str, keepalive: str) -> tuple[int, int]:
+    """The disk lease and its renewal interval (ms), chosen so that a crashed holder's lease has run out, as the
+    peer's observer sees it, by the time the heartbeat declares the holder dead: that is at least deadtime -
+    keepalive after the crash (its last beat came at most a keepalive before), and the lease runs out at most
+    lease + renew/2 after it (last renewed before the crash, the change seen up to renew/2 late).  So the takeover
+    waits only the acquirer's settle (renew/2).  The renewal is an eighth of deadtime - keepalive (at least 50 ms,
+    so that settle and gap limit stay above scheduling noise); the lease at least 600 ms (a renewer can miss
+    renewals: it gives up only when it could not renew for lease - renew/2)."""
+    dead, beat = parse_duration(deadtime), parse_duration(keepalive)
+    renew = max((dead - beat) // 8, 50)
+    lease = max(dead - beat - (renew + 1) // 2, 600)
+    return lease, min(renew, lease // 3)
 
 
-def haresources_line(d: Path, lock: str, data: str, first: str, lease: int) -> str:
+def haresources_line(d: Path, lock: str, data: str, first: str, lease: tuple[int, int]) -> str:
     mnt = d / "data"
-    return (f"{first} disklock::{lock}::{lease}::{WAIT_MS} Filesystem::{data}::{mnt}::ext4 "
+    return (f"{first} disklock::{lock}::{lease[0]}::{WAIT_MS}::{lease[1]} Filesystem::{data}::{mnt}::ext4 "
             f"IPaddr::{VIP}/24 mysql::{mnt}/mysql::--host-cache-size=0")  # probes are not connect errors
 
 
@@ -95,7 +101,7 @@ class Keeper:
         self._shared_disk()
         first = sorted(self.lab.nodes)[0]
         resources = haresources_line(self.d, self.loops["lock"], self.loops["data"], first,
-                                     lease_ms(self.opts.deadtime)).split(" ", 1)[1]
+                                     lease_timing(self.opts.deadtime, self.opts.keepalive)).split(" ", 1)[1]
         timing = PairTiming(self.opts.keepalive, self.opts.warntime, self.opts.deadtime, self.opts.initdead)
         self.pair = Pair(self.lab, timing, resources=resources, auto_failback=self.opts.auto_failback)
         self.pair.start_all()

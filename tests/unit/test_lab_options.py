@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from hastore.lab import cli
-from hastore.lab.keeper import haresources_line, lease_ms
+from hastore.config.durations import parse_duration
+from hastore.lab.keeper import haresources_line, lease_timing
 
 
 @pytest.mark.parametrize("name", ["keepalive", "warntime", "deadtime", "initdead"])
@@ -28,12 +29,18 @@ def test_timings_that_do_not_fit_together_are_refused_before_building(tmp_path):
     assert not d.exists()
 
 
-def test_the_lease_follows_deadtime_with_a_floor():
-    assert lease_ms("1s") == 1000
-    assert lease_ms("2500ms") == 2500
-    assert lease_ms("300ms") == 600
-    line = haresources_line(Path("/var/tmp/x"), "/dev/loop7", "/dev/loop8", "alpha", lease_ms("3s"))
-    assert line.startswith("alpha disklock::/dev/loop7::3000::8000 Filesystem::/dev/loop8::/var/tmp/x/data::ext4 ")
+def test_a_crashed_holders_lease_runs_out_before_it_is_declared_dead():
+    for deadtime, keepalive in (("1s", "200ms"), ("2500ms", "200ms"), ("3s", "1s"), ("10s", "1s")):
+        lease, renew = lease_timing(deadtime, keepalive)
+        dead, beat = parse_duration(deadtime), parse_duration(keepalive)
+        # declared dead >= deadtime - keepalive after the crash; the observer sees the last renewal's lease run
+        # out at most lease + renew/2 after it
+        assert lease + renew / 2 <= dead - beat, (deadtime, keepalive, lease, renew)
+        assert 3 * renew <= lease and renew >= 50
+    assert lease_timing("1s", "200ms") == (750, 100)
+    assert lease_timing("300ms", "100ms") == (600, 50)  # the floors: too short a lease is worse than a slow one
+    line = haresources_line(Path("/var/tmp/x"), "/dev/loop7", "/dev/loop8", "alpha", lease_timing("3s", "1s"))
+    assert line.startswith("alpha disklock::/dev/loop7::1875::8000::250 Filesystem::/dev/loop8::/var/tmp/x/data::ext4 ")
 
 
 @pytest.mark.parametrize("argv, want_dir, want_cmd", [
