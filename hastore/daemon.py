@@ -119,6 +119,7 @@ class Daemon:
             loop.add_reader(claim.fileno(), turn_away, claim)
         for link in self.config.links:
             t = make_transport(link)
+            t.on_state = self._on_link_state
             # quiet: see hastore.io.transports; news is handled like a tick without the beat (_on_wake)
             await t.open(self._on_packet, self._on_link_error, quiet=bound[_bind_key(link)] == 1,
                          on_wake=self._on_wake)
@@ -129,6 +130,7 @@ class Daemon:
         if self.config.ping_nodes or self.config.ping_groups:
             self._resolve_ping_targets()
             self.pinger = Pinger()
+            self.pinger.on_route = self._on_ping_route
             await self.pinger.open()  # replies are collected on the beat timer, see _on_timer
         self.runner.start_launcher()
         self.control = ControlServer(self.config.control_socket, self.handle_request)
@@ -311,6 +313,14 @@ class Daemon:
 
     def _on_link_error(self, link: str, detail: str) -> None:
         self.feed(E.LinkTrouble(link, detail))
+
+    def _on_link_state(self, link: str, usable: bool) -> None:
+        # heard while executing a decision's sends: decided on once that decision is done
+        asyncio.get_running_loop().call_soon(self.feed, E.LinkState(link, usable))
+
+    def _on_ping_route(self, address: str, routable: bool) -> None:
+        for name in self.ping_names.get(address, ()):
+            asyncio.get_running_loop().call_soon(self.feed, E.PingRoute(name, routable))
 
     # -- the guard ----------------------------------------------------------------------------
     def _tell_guard_held(self) -> None:

@@ -98,6 +98,10 @@ class Engine:
         self.first_heard: dict[str, tuple[int, int, float]] = {}  # per peer: generation, seq, arrival of its newest
         self.last_beat_body: dict | None = None  # what our previous beat said (a beat saying the same is no news)
         self.reported: set[tuple[str, str]] = set()  # one-shot notices, cleared when the condition ends
+        # What this node knows it cannot use, and since when: links whose sends fail for a local reason, ping
+        # nodes it has no route to (see _isolated).
+        self.links_down: dict[str, float] = {}
+        self.unroutable: dict[str, float] = {}
         # Since when silence from the ping nodes means something: the start, a new set of ping nodes, or the end
         # of a stall (no echo requests went out while the engine did not run, so no replies could come back).
         self.pings_since = now
@@ -125,6 +129,8 @@ class Engine:
             self.pings.reply(event.address, now)
             if still and self.probed:
                 return A.Decision()  # a ping node that was visible stays visible: the count did not change
+        elif isinstance(event, (E.LinkState, E.PingRoute)):
+            self._local_state(event, now, why)
         elif isinstance(event, E.LinkTrouble):
             out.append(A.Notify("link-trouble", f"link {event.link}: {event.detail}", link=event.link))
             why.append(f"link {event.link} reports trouble: {event.detail}")
@@ -163,6 +169,10 @@ class Engine:
             if t is not None:
                 times.append(t)
         times += [p.next_try for p in self.outbox.values()]
+        if self.links_down and self.unroutable:
+            since = self._isolated_since()
+            if since is not None and since + self.config.timing.keepalive_ms / 1000 > self.now:
+                times.append(since + self.config.timing.keepalive_ms / 1000)  # when isolation starts to count
         times += [t for t in (ops.next_deadline() for ops in self.ops.values()) if t is not None]
         return min(times)
 
@@ -338,6 +348,7 @@ class Engine:
         info = self.peer_info[peer] if alive else PeerInfo()
         verdict = self.pings.judge(now, info.ping_count if alive else None)
         cut_off = self._cut_off(now, alive, verdict)
+        isolated = self._isolated(now)
         if not alive and self.standby:
             why.append(f"standby of {', '.join(sorted(self.standby))} ends: the peer is not alive")
             self.standby.clear()
@@ -347,13 +358,17 @@ class Engine:
                 self._once(out, why, "dual-claim", name, f"both nodes claim group {name}: this node ({self.node}) and {peer}")
                 continue
             self._resolved("dual-claim", name)
-            if g.state is GroupState.STARTED and alive:
+            if g.state is GroupState.STARTED and isolated:
+                self._set(g, GroupState.STOPPING, f"releasing group {name}: {isolated}", A.StopGroup(name), out, why)
+            elif g.state is GroupState.STARTED and alive:
                 release = self._release_reason(g, peer, info, verdict)
                 if release:
                     self._set(g, GroupState.STOPPING, release, A.StopGroup(name), out, why)
             elif g.state is GroupState.STARTED and cut_off:
                 self._set(g, GroupState.STOPPING, f"releasing group {name}: {cut_off}", A.StopGroup(name), out, why)
             elif g.state in (GroupState.STOPPED, GroupState.FAILED) and not theirs:
+                if isolated:
+                    continue
                 if alive and name in self.standby:
                     continue  # the peer may take it; this node does not
                 if g.state is GroupState.FAILED and self._waits_after_failure(g, now, alive, info):
@@ -387,6 +402,44 @@ class Engine:
             return ""
         return (f"cut off: no ping node and no peer for {round((now - last) * 1000)} ms, deadtime "
                 f"{self.config.timing.deadtime_ms} ms ({verdict.reason}); the peer may take it")
+
+    def _local_state(self, event, now: float, why: list) -> None:
+        if isinstance(event, E.LinkState):
+            table, key, what = self.links_down, event.link, f"link {event.link}"
+            bad = not event.usable
+        else:
+            table, key, what = self.unroutable, event.address, f"ping node {event.address}"
+            bad = not event.routable
+        if bad and key not in table:
+            table[key] = now
+            why.append(f"{what} cannot be used from this node: "
+                       f"{'sending on it fails here' if table is self.links_down else 'no route to it'}")
+        elif not bad and key in table:
+            del table[key]
+            why.append(f"{what} can be used from this node again")
+
+    def _isolated(self, now: float) -> str:
+        """Non-empty (the reason) when this node knows, without waiting for any silence, that it is cut off: every
+        heartbeat link fails to send for a local reason (interface down, no route, serial device gone or hung up)
+        and it has no route to any ping node (its LAN interface is down), for a keepalive now (a flap of the
+        node's own cables does not move groups). It then serves nobody and cannot reach the peer, so it releases
+        its groups at once instead of a deadtime later (the cut-off rule), which lets the peer take the disk
+        lock as soon as the peer declares it dead. Only with ping nodes: without them hastore cannot tell whether
+        the LAN still reaches this node."""
+        since = self._isolated_since()
+        if since is None or now - since < self.config.timing.keepalive_ms / 1000 - EPS:
+            return ""
+        return (f"isolated: for {round((now - since) * 1000)} ms no heartbeat link works from this node and no ping "
+                f"node has a route from it (its own interfaces are down); the peer may take it")
+
+    def _isolated_since(self) -> float | None:
+        """Since when every link and every ping route is down here, if they are (see _isolated)."""
+        links = [link.id for link in self.config.links]
+        pings = self.pings.addresses()
+        if not pings or not links or any(lid not in self.links_down for lid in links) \
+                or any(a not in self.unroutable for a in pings):
+            return None
+        return max(max(self.links_down[lid] for lid in links), max(self.unroutable[a] for a in pings))
 
     def _waits_after_failure(self, g: GroupTrack, now: float, alive: bool, info: PeerInfo) -> bool:
         """A group failed here: this node leaves it to an alive peer that can take it, and otherwise tries again,

@@ -33,8 +33,26 @@ class LinkTrouble:
 
 
 @dataclass(frozen=True)
+class LinkState:
+    """Whether this node can use `link` at all: False once sending on it failed in a way that is certain here (no
+    route, interface down, device gone or hung up), True again at the first send that works."""
+
+    link: str
+    usable: bool
+
+
+@dataclass(frozen=True)
 class PingReply:
     address: str
+
+
+@dataclass(frozen=True)
+class PingRoute:
+    """Whether this node has a route to ping node `address`: False once an echo request could not be sent for lack
+    of one (the interface towards it is down), True again once one could."""
+
+    address: str
+    routable: bool
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable
 
+from hastore.io.transports import LOCAL_DOWN
+
 ECHO_REQUEST = {socket.AF_INET: 8, socket.AF_INET6: 128}
 ECHO_REPLY = {socket.AF_INET: 0, socket.AF_INET6: 129}
 PROTO = {socket.AF_INET: socket.IPPROTO_ICMP, socket.AF_INET6: socket.IPPROTO_ICMPV6}
@@ -85,7 +87,8 @@ class _Prober:
         res = fcntl.ioctl(self.sock.fileno(), SIOCGIFINDEX, struct.pack("16si", name.encode(), 0))
         return struct.unpack_from("16si", res)[1]
 
-    def ping(self, address: str, sockaddr: tuple, normalised: str) -> None:
+    def ping(self, address: str, sockaddr: tuple, normalised: str) -> int:
+        """Sends one echo request; 0, or the errno of a send that failed (no reply will come then)."""
         self.seq = (self.seq + 1) & 0xFFFF
         header = _HDR.pack(ECHO_REQUEST[self.family], 0, 0, self.ident, self.seq)
         csum = _checksum(header + PAYLOAD) if self.family == socket.AF_INET else 0  # v6: kernel does it
@@ -95,8 +98,9 @@ class _Prober:
             self.sent.popitem(last=False)
         try:
             self.sock.sendto(packet, sockaddr)
-        except OSError:  # unreachable, no buffer space, ...: no reply is the answer
-            pass
+        except OSError as exc:  # unreachable, no buffer space, ...: no reply is the answer
+            return exc.errno or -1
+        return 0
 
     def replies(self) -> list[str]:
         out: list[str] = []
@@ -157,6 +161,8 @@ class Pinger:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_reply: Callable[[str], None] | None = None
         self.errors: list[str] = []  # why a family could not be opened
+        self.unroutable: set[str] = set()  # addresses the last echo request could not be sent to (LOCAL_DOWN)
+        self.on_route: Callable[[str, bool], None] | None = None  # hears (address, routable) when that changes
 
     @property
     def modes(self) -> dict[str, str]:
@@ -199,9 +205,14 @@ class Pinger:
                 sockaddr: tuple = (ip, 0, 0, scope_id)
             else:
                 sockaddr = (ip, 0)
-            prober.ping(address, sockaddr, ip)
+            failed = prober.ping(address, sockaddr, ip)
         except (ValueError, OSError):  # not an address, unknown scope interface
             return
+        unroutable = failed in LOCAL_DOWN
+        if unroutable != (address in self.unroutable):
+            (self.unroutable.add if unroutable else self.unroutable.discard)(address)
+            if self.on_route is not None:
+                self.on_route(address, not unroutable)
 
     def _readable(self, prober: _Prober) -> None:
         for address in prober.replies():

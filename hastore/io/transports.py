@@ -75,6 +75,8 @@ class Transport:
         self._on_packet: OnPacket | None = None
         self._on_error: OnError | None = None
         self._reported: set[str] = set()
+        self.down = False  # the last send failed for a reason that is certain here (LOCAL_DOWN, device not open)
+        self.on_state: Callable[[str, bool], None] | None = None  # hears (link id, usable) when `down` changes
 
     async def open(self, on_packet: OnPacket, on_error: OnError, quiet: bool = False,
                    on_wake: Callable[[], None] | None = None) -> None:
@@ -105,10 +107,20 @@ class Transport:
     def _sent_ok(self) -> None:
         self.stats["sent"] += 1
         self._reported.clear()
+        self._set_down(False)
 
-    def _send_failed(self, sentence: str) -> None:
+    def _send_failed(self, sentence: str, down: bool = False) -> None:
+        """down: the failure says this node cannot use the link at all (see LOCAL_DOWN), not that one send failed."""
         self.stats["send_errors"] += 1
         self._report(sentence)
+        if down:
+            self._set_down(True)
+
+    def _set_down(self, down: bool) -> None:
+        if down != self.down:
+            self.down = down
+            if self.on_state is not None:
+                self.on_state(self.link.id, not down)
 
     def _report(self, sentence: str) -> None:
         """Report each distinct trouble once until a send succeeds."""
@@ -127,6 +139,12 @@ def _only_own_groups(sock: socket.socket, v6: bool) -> None:
         sock.setsockopt(level, opt, 0)
     except OSError:
         pass
+
+
+# Errors of a send that say this node cannot use the path at all, rather than that one datagram was lost: no
+# route (the interface it needs is down), the interface or device gone, the source address gone with it.
+LOCAL_DOWN = frozenset({errno.ENETUNREACH, errno.ENETDOWN, errno.ENODEV, errno.ENXIO, errno.EADDRNOTAVAIL,
+                        errno.EIO})
 
 
 def _describe(exc: OSError) -> str:
@@ -405,14 +423,15 @@ class UdpTransport(Transport):
     def send(self, data: bytes) -> None:
         sock = self._sock
         if sock is None:
-            self._send_failed("transport is not open")
+            self._send_failed("transport is not open", down=True)
             return
         for unjoined in list(self._unjoined):  # each socket of the link, the watched one included
             self._join(unjoined)
         try:
             sock.sendto(data, self._destination())
         except OSError as exc:
-            self._send_failed(f"send on {self.link.interface} failed: {_describe(exc)}")
+            self._send_failed(f"send on {self.link.interface} failed: {_describe(exc)}",
+                              down=exc.errno in LOCAL_DOWN)
             return
         self._sent_ok()
 
@@ -540,7 +559,7 @@ class SerialTransport(Transport):
     def send(self, data: bytes) -> None:
         frame = encode_frame(data)  # an oversized payload is our own bug: that raises
         if self._port is None:
-            self._send_failed(f"serial device {self.link.device} is not open")
+            self._send_failed(f"serial device {self.link.device} is not open", down=True)
             return
         if len(self._queue) >= SERIAL_QUEUE_FRAMES:
             # Keep a partly written head frame: cutting it would garble the line.

@@ -111,6 +111,9 @@ def test_unreachable_addresses_get_no_reply_and_do_not_raise(nets):
     async def body():
         lonely, lonely_replies = await open_pinger(nets["c"])  # only loopback: no route at all
         p, replies = await open_pinger(nets["a"])  # on-link, but nobody has these addresses
+        routes: list[tuple[str, bool]] = []
+        lonely.on_route = lambda address, routable: routes.append((address, routable))
+        p.on_route = lambda address, routable: routes.append(("a: " + address, routable))
         try:
             for _ in range(5):
                 for addr in ("10.232.0.2", "fd00:232::2", "192.0.2.1"):
@@ -121,8 +124,33 @@ def test_unreachable_addresses_get_no_reply_and_do_not_raise(nets):
                     p.ping(junk)
                 await asyncio.sleep(0.1)
             assert lonely_replies == [] and replies == []
+            # no route: said once per address (the isolation rule's input); silence on-link is not that (a has
+            # no default route, so 198.51.100.1 has none either)
+            assert sorted(routes) == [("10.232.0.2", False), ("192.0.2.1", False), ("a: 198.51.100.1", False),
+                                      ("fd00:232::2", False)], routes
         finally:
             lonely.close()
+            p.close()
+
+    run(body())
+
+
+def test_a_ping_node_behind_an_interface_that_goes_down_has_no_route_until_it_is_up(nets):
+    async def body():
+        p, replies = await open_pinger(nets["a"])
+        routes: list[tuple[str, bool]] = []
+        p.on_route = lambda address, routable: routes.append((address, routable))
+        try:
+            assert await answered(p, replies, B4)
+            sh("ip", "-n", nets["a"], "link", "set", nets["ifa"], "down")
+            p.ping(B4)
+            p.ping(B4)
+            assert routes == [(B4, False)] and B4 in p.unroutable
+            sh("ip", "-n", nets["a"], "link", "set", nets["ifa"], "up")
+            sh("ip", "-n", nets["a"], "addr", "replace", f"{A4}/24", "dev", nets["ifa"])
+            assert await answered(p, replies, B4, timeout=5.0)
+            assert routes == [(B4, False), (B4, True)] and not p.unroutable
+        finally:
             p.close()
 
     run(body())

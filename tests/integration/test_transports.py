@@ -337,17 +337,22 @@ def test_interface_down_at_open_then_up(veths):
         try:
             ta, _ = await na.open(veths.a, la, mcast(veths.ifa[0], "239.0.0.1"))
             (tb,) = await nb.open(veths.b, lb)
+            states: list[tuple[str, bool]] = []
+            ta.on_state = lambda link, usable: states.append((link, usable))
             for _ in range(5):
                 ta.send(b"x")
             assert ta.stats["send_errors"] == 5
             assert len(na.errors) == 1 and na.errors[0][0] == la.id, na.errors
             assert "Network is unreachable" in na.errors[0][1] or "down" in na.errors[0][1], na.errors
+            # the link is known unusable from here (for the isolation rule), once, until a send works
+            assert ta.down and states == [(la.id, False)]
             sh("ip", "-n", veths.a, "link", "set", veths.ifa[0], "up")
             await until(lambda: (lb.id, b"up") in nb.got, every=lambda: ta.send(b"up"))
+            assert not ta.down and states == [(la.id, False), (la.id, True)]
             await until(lambda: (la.id, b"back") in na.got, every=lambda: tb.send(b"back"))
             sh("ip", "-n", veths.a, "link", "set", veths.ifa[0], "down")
             ta.send(b"y")
-            assert len(na.errors) == 2
+            assert len(na.errors) == 2 and states[-1] == (la.id, False)
         finally:
             na.close()
             nb.close()
@@ -436,11 +441,14 @@ def test_serial_pty_both_ways_and_recovers_after_socat_restart(socat, sig):
             await until(lambda: (tb.link.id, b"ping") in nb.got, every=lambda: ta.send(b"ping"))
             await until(lambda: (ta.link.id, b"pong") in na.got, every=lambda: tb.send(b"pong"))
 
+            states: list[bool] = []
+            ta.on_state = lambda link, usable: states.append(usable)
             socat.stop(sig)
             await until(lambda: na.errors and nb.errors, timeout=2)
             assert "lost" in na.errors[0][1], na.errors
             ta.send(b"while-down")  # reported, never raised
             assert ta.stats["send_errors"] >= 1
+            assert ta.down and states == [False], states  # a hung-up line is known unusable from here
 
             socat.start()
             na.got.clear()
@@ -448,6 +456,7 @@ def test_serial_pty_both_ways_and_recovers_after_socat_restart(socat, sig):
             await until(lambda: (tb.link.id, b"again") in nb.got, timeout=4, every=lambda: ta.send(b"again"))
             await until(lambda: (ta.link.id, b"back") in na.got, timeout=4, every=lambda: tb.send(b"back"))
             assert ta.stats["reopens"] >= 1 and tb.stats["reopens"] >= 1
+            assert not ta.down and states == [False, True], states
         finally:
             na.close()
             nb.close()

@@ -270,6 +270,69 @@ def test_a_holder_cut_off_from_peer_and_ping_nodes_releases_so_the_peer_can_take
     assert released and 0.8 <= released[0] - t1 < 1.0 + 0.3 and not c2.holders("db")
 
 
+def pull_cables(c: FakeCluster, node: str, links=LINKS, ping_route=True) -> None:
+    """Every heartbeat link of `node` cut and its LAN with them, as its shell would say it: sends fail for a
+    local reason (LinkState) and the ping node has no route (PingRoute)."""
+    for link in LINKS:
+        c.cut_link(link)
+    c.nodes[node].sees_pings = set()
+    for link in links:
+        c.schedule(c.now + 0.01, node, E.LinkState(link, False))
+    if ping_route:
+        c.schedule(c.now + 0.01, node, E.PingRoute("10.0.0.254", False))
+
+
+def test_a_holder_that_knows_its_own_cables_are_out_releases_a_keepalive_later():
+    c = settled_with_ping_node()
+    t0 = c.now
+    pull_cables(c, "alpha")
+    c.advance(0.15)
+    assert c.holders("db") == {"alpha"}, "not before the isolation lasted a keepalive (a flap moves nothing)"
+    c.advance(0.45)
+    released = [t for t, d in c.nodes["alpha"].log if "releasing group db: isolated" in d.reason]
+    assert released and 0.2 <= released[0] - t0 <= 0.25, released  # a keepalive after the last cable
+    assert not c.holders("db"), "released well before bravo declares alpha dead (deadtime 1 s)"
+    c.advance(3.0)
+    assert c.holders("db") == {"bravo"}
+    assert not [1 for _, g, _, op, _ in c.nodes["alpha"].ops_log[-10:] if op == "start"], "isolated: never retaken"
+    assert "can be used from this node again" not in c.reasons("alpha")
+    # cables back: alpha sees bravo holding it and leaves it there
+    c.heal()
+    c.nodes["alpha"].sees_pings = {"10.0.0.254"}
+    for link in LINKS:
+        c.schedule(c.now + 0.01, "alpha", E.LinkState(link, True))
+    c.schedule(c.now + 0.01, "alpha", E.PingRoute("10.0.0.254", True))
+    c.advance(3.0)
+    assert c.holders("db") == {"bravo"} and "link serial:/dev/ttyS0 can be used from this node again" in c.reasons("alpha")
+    assert not c.overlaps
+
+
+def test_isolation_needs_every_link_and_every_ping_route_down_for_a_keepalive():
+    # one heartbeat link still usable (say the serial line, whose cable nobody can see pulled): deadtime rules
+    c = settled_with_ping_node()
+    pull_cables(c, "alpha", links=LINKS[:1])
+    c.advance(0.7)
+    assert c.holders("db") == {"alpha"} and "isolated" not in c.reasons("alpha")
+    # a route to the ping node still there: the same
+    c = settled_with_ping_node()
+    pull_cables(c, "alpha", ping_route=False)
+    c.advance(0.7)
+    assert c.holders("db") == {"alpha"} and "isolated" not in c.reasons("alpha")
+    # everything out, but one link back within the keepalive: a flap
+    c = settled_with_ping_node()
+    pull_cables(c, "alpha")
+    c.schedule(c.now + 0.1, "alpha", E.LinkState(LINKS[0], True))
+    c.advance(0.7)
+    assert c.holders("db") == {"alpha"} and "isolated" not in c.reasons("alpha")
+    # without ping nodes hastore cannot tell the LAN is gone: never isolated
+    c = cluster()
+    c.advance(3.0)
+    for link in LINKS:
+        c.schedule(c.now + 0.01, "alpha", E.LinkState(link, False))
+    c.advance(0.7)
+    assert c.holders("db") == {"alpha"} and "isolated" not in c.reasons("alpha")
+
+
 def test_a_lone_holder_is_not_cut_off_by_a_reload_of_its_ping_nodes_nor_by_a_stall():
     """Silence from ping nodes nobody asked means nothing: new ping nodes after SIGHUP, or none asked while the
     daemon was stopped for longer than deadtime."""
