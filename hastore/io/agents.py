@@ -172,12 +172,32 @@ class AgentRunner:
         task.add_done_callback(self.tasks.discard)
 
     async def _run(self, group: str, index: int, op: str, timeout_s: float, op_id: int) -> None:
+        """Whatever goes wrong in here, the engine hears back: an operation nobody reports stalls its group."""
+        reported = False
+
+        def done(*result) -> None:
+            nonlocal reported
+            reported = True
+            self.done(*result)
+        try:
+            await self._operate(group, index, op, timeout_s, op_id, done)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if reported:
+                raise
+            if self.log is not None:
+                self.log.error("agent", group=group, resource=self.names[(group, index)], op=op,
+                               detail=f"the runner failed: {e!r}")
+            self.done(group, index, op, op_id, OCF_GENERIC, f"hastore could not run the agent: {e!r}")
+
+    async def _operate(self, group: str, index: int, op: str, timeout_s: float, op_id: int, done) -> None:
         inv = self.invocations[(group, index)]
         cmd = self.command(group, index, op, timeout_s)
         if cmd is None:
             detail = f"no agent, resource.d script, init script or unit named {inv.path!r}"
             rc = 0 if op == "stop" else OCF_NOT_RUNNING if op == "monitor" else OCF_NOT_INSTALLED
-            self.done(group, index, op, op_id, rc, detail)
+            done(group, index, op, op_id, rc, detail)
             return
         try:
             os.makedirs(cmd.env["HA_RSCTMP"], exist_ok=True)  # resource-agents keep their state files there
@@ -185,7 +205,7 @@ class AgentRunner:
             pass
         proc = await self._spawn(inv, op, cmd)
         if isinstance(proc, str):
-            self.done(group, index, op, op_id, OCF_NOT_INSTALLED, proc)
+            done(group, index, op, op_id, OCF_NOT_INSTALLED, proc)
             return
         t0 = asyncio.get_running_loop().time()
         self._track(proc.pid, True)
@@ -209,7 +229,7 @@ class AgentRunner:
         if self.log is not None and op != "monitor":  # monitors are many; the engine logs their failures
             self.log.info("agent", group=group, resource=self.names[(group, index)], op=op, rc=rc,
                           elapsed_ms=round((asyncio.get_running_loop().time() - t0) * 1000), detail=detail)
-        self.done(group, index, op, op_id, rc, detail)
+        done(group, index, op, op_id, rc, detail)
 
     async def _spawn(self, inv: Invocation, op: str, cmd: Command):
         """The running agent (pid, communicate() -> (output, rc), wait() -> rc), or why it could not start. Ours

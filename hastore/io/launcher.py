@@ -80,7 +80,7 @@ class Launcher:
         rid = self.next_id
         started = loop.create_future()
         self.waiting[rid] = started
-        self.rcs[rid] = loop.create_future()
+        self.rcs[rid] = rc = loop.create_future()  # kept here: a quick agent's rc may come before `started` wakes us
         try:
             msg = json.dumps({"id": rid, "path": path, "args": args, "env": env}).encode()
             self.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]).tobytes())])
@@ -96,7 +96,7 @@ class Launcher:
             os.close(r)
             raise
         self.started_agents += 1
-        return Launched(pid, _read_all(loop, r), self.rcs[rid])
+        return Launched(pid, _read_all(loop, r), rc)
 
     def _readable(self) -> None:
         while self.sock is not None:

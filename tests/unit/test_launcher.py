@@ -106,6 +106,41 @@ def test_real_agents_answer_the_same_forked_or_started():
     asyncio.run(main())
 
 
+def test_an_agent_that_ends_before_the_caller_hears_it_started(tmp_path):
+    """Both answers (started, exited) can be read in one go when the agent is quick and the loop busy: the exit
+    code must still reach the caller (it once got lost, and the group waited for it forever)."""
+    agent = tmp_path / "agent"
+    agent.write_text("import sys; sys.exit(3)\n")
+
+    async def main():
+        lau = launcher()
+        try:
+            for _ in range(3):
+                task = asyncio.create_task(lau.run(str(agent), ["x"], env()))
+                await asyncio.sleep(0)   # run() has sent the request and waits to hear the pid
+                time.sleep(0.3)          # the loop is busy: the agent forks and exits meanwhile
+                launched = await asyncio.wait_for(task, 5)
+                out, rc = await asyncio.wait_for(launched.communicate(), 5)
+                assert rc == 3, (rc, out)
+        finally:
+            lau.close()
+    asyncio.run(main())
+
+
+def test_the_runner_reports_an_operation_it_failed_to_run(tmp_path, monkeypatch):
+    """A bug between the runner and its agent must not leave the operation unreported (its group would wait for
+    it forever): the engine hears a generic error."""
+    async def main():
+        runner = runner_with_agent(tmp_path, monkeypatch, word="w")
+
+        async def broken(*_):
+            raise KeyError(16)
+        monkeypatch.setattr(runner, "_spawn", broken)
+        return await one_op(runner, "show", 5)
+    op, rc, detail, _ = asyncio.run(main())
+    assert rc == 1 and "hastore could not run the agent: KeyError(16)" in detail
+
+
 def test_an_edited_agent_runs_its_new_code(tmp_path):
     agent = tmp_path / "agent"
     agent.write_text("import sys; sys.exit(3)\n")
