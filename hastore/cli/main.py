@@ -180,9 +180,15 @@ def format_status(s: dict) -> str:
         first = True
         for lid, l in p["links"].items():
             age = "-" if l["last_beat_ms"] is None else f"{l['last_beat_ms']} ms ago"
-            rows.append((name if first else "", p["state"] if first else "", lid, l["state"], age))
+            down = " (cannot send here)" if lid in s.get("here", {}).get("links_down", ()) else ""
+            rows.append((name if first else "", p["state"] if first else "", lid, l["state"] + down, age))
             first = False
     lines += _table(rows)
+    here = s.get("here") or {}
+    if here.get("no_route"):
+        lines.append(f"no route from here to ping node(s) {', '.join(here['no_route'])}")
+    if here.get("isolated"):
+        lines.append(here["isolated"])
     rows = [("GROUP / RESOURCE", "OWNER", "STATE", "PREFERRED", "WHY")]
     for name, g in s["groups"].items():
         state = g["state"] + (" (standby)" if g.get("standby") else "")

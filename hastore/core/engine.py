@@ -711,6 +711,9 @@ class Engine:
                 "reason": verdict.reason,
             },
             "groups": {n: self._group_status(g, alive) for n, g in self.groups.items()},
+            # what this node knows it cannot use (sends fail here, no route): see _isolated
+            "here": {"links_down": sorted(self.links_down), "no_route": sorted(self.unroutable),
+                     "isolated": self._isolated(now)},
             "counters": {**{v.name.lower(): c for v, c in self.verifier.counters.items()}, "unechoed": self.unechoed},
         }
 

@@ -1,6 +1,7 @@
 """Resource groups on the fake cluster: ordering, rollback, stop escalation, restart-then-failover, adoption,
 hand-off without overlap, standby and takeover. The fake agent runner records every operation it ran."""
 
+from hastore.cli.main import format_status
 from hastore.config.model import AutoFailback, Group, Resource
 from hastore.core import events as E
 from hastore.core.resources import Policy
@@ -292,6 +293,12 @@ def test_a_holder_that_knows_its_own_cables_are_out_releases_a_keepalive_later()
     released = [t for t, d in c.nodes["alpha"].log if "releasing group db: isolated" in d.reason]
     assert released and 0.2 <= released[0] - t0 <= 0.25, released  # a keepalive after the last cable
     assert not c.holders("db"), "released well before bravo declares alpha dead (deadtime 1 s)"
+    here = c.status("alpha")["here"]
+    assert here["links_down"] == sorted(LINKS) and here["no_route"] == ["10.0.0.254"]
+    assert here["isolated"].startswith("isolated: for ")
+    text = format_status(c.status("alpha"))
+    assert "(cannot send here)" in text.split("ucast:eth1:peer")[1].splitlines()[0], text
+    assert "no route from here to ping node(s) 10.0.0.254" in text and "isolated: for " in text
     c.advance(3.0)
     assert c.holders("db") == {"bravo"}
     assert not [1 for _, g, _, op, _ in c.nodes["alpha"].ops_log[-10:] if op == "start"], "isolated: never retaken"
