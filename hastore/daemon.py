@@ -475,6 +475,7 @@ class Daemon:
             self.guard.set_timeout(new.guard_timeout)
         if self.pinger is not None:
             self._resolve_ping_targets()
+            self.pinger.unroutable.clear()  # addresses may have changed: the next echo requests say again (Reload)
         for w in new.warnings:
             self.log.warning("config", detail=w)
         self.feed(E.Reload(new))

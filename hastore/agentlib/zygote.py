@@ -15,6 +15,7 @@ guard that outlives it, deals with them by their process ids, as with any agent)
 from __future__ import annotations
 
 import array
+import atexit
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import signal
 import socket
 import sys
 import traceback
+import types
 
 # What hastore's agents import (see agents/): loaded once here, so that a child only runs the agent itself.
 import hashlib  # noqa: F401
@@ -37,6 +39,7 @@ from hastore.agentlib import drbd, lease, mysql, net, ocf, proc, rtnl  # noqa: F
 from hastore.io import proc as _io_proc  # noqa: F401
 
 MAX_MESSAGE = 1 << 20
+MAXFD = os.sysconf("SC_OPEN_MAX")
 
 
 _compiled: dict[str, tuple[tuple, object]] = {}
@@ -52,45 +55,52 @@ def compiled(path: str):
         if hit is not None and hit[0] == key:
             return hit[1]
         with open(path, "rb") as f:
-            code = compile(f.read(), path, "exec")
+            code = compile(f.read(), path, "exec", dont_inherit=True)  # not this module's __future__ imports
     except (OSError, SyntaxError, ValueError):
         return None
     _compiled[path] = (key, code)
     return code
 
 
-def _stream(fd: int, mode: str, like, line_buffering: bool) -> io.TextIOWrapper:
+def _stream(fd: int, mode: str, like, errors: str, line_buffering: bool) -> io.TextIOWrapper:
     raw = io.FileIO(fd, mode, closefd=False)
     buffered = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
-    return io.TextIOWrapper(buffered, encoding=like.encoding, errors=like.errors, line_buffering=line_buffering)
+    encoding = getattr(like, "encoding", None) or "utf-8"  # the server's own may be None (its fd was closed)
+    return io.TextIOWrapper(buffered, encoding=encoding, errors=getattr(like, "errors", None) or errors,
+                            line_buffering=line_buffering)
 
 
-def child(path: str, args: list[str], env: dict[str, str], out: int, code=None) -> int:
+def child(path: str, args: list[str], env: dict[str, str], out: int, ready: int, code=None) -> int:
     """In the forked child: become the agent. Returns its exit code (Python's rules for SystemExit and for an
-    exception nobody caught)."""
+    exception nobody caught). `ready` is closed once the child leads its own session (the server answers with
+    the pid only then, so that killing the session by that pid always works)."""
     os.setsid()
+    os.close(ready)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(out, 1)
     os.dup2(out, 2)
-    for fd in (devnull, out):
-        if fd > 2:
-            os.close(fd)
+    os.closerange(3, MAXFD)  # as a new process gets them (close_fds): no socket, pipe or selector of the server
     os.environ.clear()
     os.environ.update(env)
     sys.argv = [path, *args]
+    sys.path[0] = os.path.dirname(os.path.realpath(path))  # the script's directory, as `python -S PATH` has it
+    main = types.ModuleType("__main__")
+    main.__file__ = path
+    main.__builtins__ = __builtins__
+    sys.modules["__main__"] = main
     # The standard streams as a new interpreter makes them for these descriptors (stdout buffered unless a
     # terminal, stderr line-buffered), not the server's.
-    sys.stdin = _stream(0, "r", sys.stdin, line_buffering=False)
-    sys.stdout = _stream(1, "w", sys.stdout, line_buffering=os.isatty(1))
-    sys.stderr = _stream(2, "w", sys.stderr, line_buffering=True)
+    sys.stdin = _stream(0, "r", sys.stdin, "strict", line_buffering=False)
+    sys.stdout = _stream(1, "w", sys.stdout, "strict", line_buffering=os.isatty(1))
+    sys.stderr = _stream(2, "w", sys.stderr, "backslashreplace", line_buffering=True)
     try:
         if code is None:
             with open(path, "rb") as f:
-                code = compile(f.read(), path, "exec")
-        exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
+                code = compile(f.read(), path, "exec", dont_inherit=True)
+        exec(code, main.__dict__)
         rc = 0
     except SystemExit as e:
         if e.code is None:
@@ -103,6 +113,7 @@ def child(path: str, args: list[str], env: dict[str, str], out: int, code=None) 
     except BaseException:  # noqa: BLE001 - what the interpreter does with an exception nobody caught
         traceback.print_exc()
         rc = 1
+    atexit._run_exitfuncs()
     return rc
 
 
@@ -138,19 +149,23 @@ def launch(sock: socket.socket, req: dict, fds: list[int], running: dict[int, in
         sock.send(json.dumps({"id": req.get("id"), "error": "expected one descriptor for the output"}).encode())
         return
     code = compiled(req["path"])
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # nothing of the server's may be written twice
+        if stream is not None:
+            stream.flush()
+    ready_r, ready_w = os.pipe()
     try:
         pid = os.fork()
     except OSError as e:
-        os.close(fds[0])
+        for fd in (fds[0], ready_r, ready_w):
+            os.close(fd)
         sock.send(json.dumps({"id": req["id"], "error": f"fork failed: {e.strerror}"}).encode())
         return
     if pid == 0:
         rc = 1
         try:
             sock.close()
-            rc = child(req["path"], req["args"], req["env"], fds[0], code)
+            os.close(ready_r)
+            rc = child(req["path"], req["args"], req["env"], fds[0], ready_w, code)
         finally:
             try:
                 sys.stdout.flush()
@@ -158,6 +173,9 @@ def launch(sock: socket.socket, req: dict, fds: list[int], running: dict[int, in
             finally:
                 os._exit(rc)
     os.close(fds[0])
+    os.close(ready_w)
+    os.read(ready_r, 1)  # end of file once the child has its own session (or has died)
+    os.close(ready_r)
     running[pid] = req["id"]
     sock.send(json.dumps({"id": req["id"], "pid": pid}).encode())
 

@@ -171,8 +171,8 @@ class Engine:
         times += [p.next_try for p in self.outbox.values()]
         if self.links_down and self.unroutable:
             since = self._isolated_since()
-            if since is not None and since + self.config.timing.keepalive_ms / 1000 > self.now:
-                times.append(since + self.config.timing.keepalive_ms / 1000)  # when isolation starts to count
+            if since is not None and since + self.config.timing.warntime_ms / 1000 > self.now:
+                times.append(since + self.config.timing.warntime_ms / 1000)  # when isolation starts to count
         times += [t for t in (ops.next_deadline() for ops in self.ops.values()) if t is not None]
         return min(times)
 
@@ -419,15 +419,16 @@ class Engine:
             why.append(f"{what} can be used from this node again")
 
     def _isolated(self, now: float) -> str:
-        """Non-empty (the reason) when this node knows, without waiting for any silence, that it is cut off: every
-        heartbeat link fails to send for a local reason (interface down, no route, serial device gone or hung up)
-        and it has no route to any ping node (its LAN interface is down), for a keepalive now (a flap of the
-        node's own cables does not move groups). It then serves nobody and cannot reach the peer, so it releases
-        its groups at once instead of a deadtime later (the cut-off rule), which lets the peer take the disk
-        lock as soon as the peer declares it dead. Only with ping nodes: without them hastore cannot tell whether
-        the LAN still reaches this node."""
+        """Non-empty (the reason) when this node knows, without waiting for the peer's silence, that it is cut off:
+        every heartbeat link fails to send for a local reason (interface down, no route, serial device gone or
+        hung up) and it has no route to any ping node (its LAN interface is down), for warntime now (a short
+        outage of the node's own interfaces, such as a restart of its network configuration, moves nothing).
+        It then serves nobody and cannot reach the peer, so it releases its groups before the peer declares it
+        dead, rather than deadtime after its last beat or echo reply (the cut-off rule): the disk lock is free
+        when the peer comes for it. Only with ping nodes: without them hastore cannot tell whether the LAN
+        still reaches this node."""
         since = self._isolated_since()
-        if since is None or now - since < self.config.timing.keepalive_ms / 1000 - EPS:
+        if since is None or now - since < self.config.timing.warntime_ms / 1000 - EPS:
             return ""
         return (f"isolated: for {round((now - since) * 1000)} ms no heartbeat link works from this node and no ping "
                 f"node has a route from it (its own interfaces are down); the peer may take it")
@@ -663,6 +664,7 @@ class Engine:
     def _reload(self, new: Config) -> str:
         old = self.config
         changed = []
+        self.unroutable.clear()  # the shell re-resolved the ping nodes and reports their routes afresh
         if new.timing != old.timing:
             changed.append(f"timing {_timing(old)} -> {_timing(new)}")
             self.membership.set_timing(new.timing)

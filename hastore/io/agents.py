@@ -186,10 +186,9 @@ class AgentRunner:
         except Exception as e:
             if reported:
                 raise
-            if self.log is not None:
-                self.log.error("agent", group=group, resource=self.names[(group, index)], op=op,
-                               detail=f"the runner failed: {e!r}")
             self.done(group, index, op, op_id, OCF_GENERIC, f"hastore could not run the agent: {e!r}")
+            self._log("error", group=group, resource=self.names[(group, index)], op=op,
+                      detail=f"the runner failed: {e!r}")
 
     async def _operate(self, group: str, index: int, op: str, timeout_s: float, op_id: int, done) -> None:
         inv = self.invocations[(group, index)]
@@ -203,7 +202,11 @@ class AgentRunner:
             os.makedirs(cmd.env["HA_RSCTMP"], exist_ok=True)  # resource-agents keep their state files there
         except OSError:
             pass
-        proc = await self._spawn(inv, op, cmd)
+        try:
+            proc = await asyncio.wait_for(self._spawn(inv, op, cmd), timeout_s)
+        except asyncio.TimeoutError:
+            done(group, index, op, op_id, TIMEOUT_RC, f"not even started after {timeout_s:g} s")
+            return
         if isinstance(proc, str):
             done(group, index, op, op_id, OCF_NOT_INSTALLED, proc)
             return
@@ -226,10 +229,19 @@ class AgentRunner:
         detail = last_line(text)
         if rc == TIMEOUT_RC:
             detail = f"killed after {timeout_s:g} s"
-        if self.log is not None and op != "monitor":  # monitors are many; the engine logs their failures
-            self.log.info("agent", group=group, resource=self.names[(group, index)], op=op, rc=rc,
-                          elapsed_ms=round((asyncio.get_running_loop().time() - t0) * 1000), detail=detail)
+        if op != "monitor":  # monitors are many; the engine logs their failures
+            self._log("info", group=group, resource=self.names[(group, index)], op=op, rc=rc,
+                      elapsed_ms=round((asyncio.get_running_loop().time() - t0) * 1000), detail=detail)
         done(group, index, op, op_id, rc, detail)
+
+    def _log(self, level: str, **fields) -> None:
+        """A log line about an operation; a log that fails (disk full, stderr gone) must not lose its result."""
+        if self.log is None:
+            return
+        try:
+            getattr(self.log, level)("agent", **fields)
+        except Exception:  # noqa: BLE001
+            pass
 
     async def _spawn(self, inv: Invocation, op: str, cmd: Command):
         """The running agent (pid, communicate() -> (output, rc), wait() -> rc), or why it could not start. Ours
@@ -263,7 +275,9 @@ class AgentRunner:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OCF_")}
         env.update({"OCF_ROOT": str(OCF_ROOT), "OCF_RA_VERSION_MAJOR": "1", "OCF_RA_VERSION_MINOR": "1",
                     "OCF_RESOURCE_INSTANCE": _instance(group, self.names[(group, index)]),
-                    "OCF_RESKEY_CRM_meta_timeout": str(int(timeout_s * 1000)), "HA_RSCTMP": "/run/resource-agents"})
+                    "OCF_RESKEY_CRM_meta_timeout": str(int(timeout_s * 1000)), "HA_RSCTMP": "/run/resource-agents",
+                    # who runs the agent: its parent is the launcher (see hastore.io.launcher), not the daemon
+                    "HASTORE_DAEMON_PID": str(os.getpid())})
         env.update({f"OCF_RESKEY_{k}": v for k, v in inv.params})
         return with_repo_on_path(env) if ours(inv) else env
 

@@ -12,6 +12,7 @@ import array
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +48,7 @@ class Launcher:
         self.waiting: dict[int, asyncio.Future] = {}  # request id -> future of the pid, then of the rc
         self.rcs: dict[int, asyncio.Future] = {}
         self.pids: dict[int, int] = {}  # request id -> pid of the agents running now
+        self.abandoned: set[int] = set()  # request ids whose caller was cancelled before the pid came
         self.started_agents = 0
 
     def start(self) -> bool:
@@ -54,7 +56,8 @@ class Launcher:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen([sys.executable, "-S", "-m", "hastore.agentlib.zygote", str(theirs.fileno())],
-                                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=self.env)
+                                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=self.env,
+                                         start_new_session=True)  # a Ctrl-C of a foreground daemon is not its
         except OSError as e:
             ours.close()
             self._say(f"agent launcher not started ({e}): agents start as new processes")
@@ -71,29 +74,37 @@ class Launcher:
         return self.sock is not None
 
     async def run(self, path: str, args: list[str], env: dict[str, str]) -> Launched:
-        """Fork the agent `path` with `args` and `env`; returns once it runs (its pid is known)."""
+        """Fork the agent `path` with `args` and `env`; returns once it runs in its own session (its pid is known).
+
+        LauncherGone: it was not started, and is not running: the caller may start it the usual way."""
         if self.sock is None:
             raise LauncherGone("not running")
         loop = asyncio.get_running_loop()
         r, w = os.pipe()
         self.next_id += 1
         rid = self.next_id
-        started = loop.create_future()
-        self.waiting[rid] = started
-        self.rcs[rid] = rc = loop.create_future()  # kept here: a quick agent's rc may come before `started` wakes us
         try:
             msg = json.dumps({"id": rid, "path": path, "args": args, "env": env}).encode()
             self.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]).tobytes())])
         except OSError as e:
+            # Not sent, so not forked: this agent starts the usual way. A launcher that is gone says so on its
+            # socket (end of file, after any answers still queued there), and _readable deals with it.
             os.close(r)
-            self._gone(f"sending to it failed: {e}")
-            raise LauncherGone(str(e)) from None
+            raise LauncherGone(f"sending to it failed: {e}") from None
         finally:
             os.close(w)
+        started = self.waiting[rid] = loop.create_future()
+        self.rcs[rid] = rc = loop.create_future()  # kept here: a quick agent's rc may come before `started` wakes us
         try:
             pid = await started
         except LauncherGone:
+            # Gone without saying it forked this one. If it did, the child holds the output pipe: wait until
+            # nobody does, so that the agent never runs twice at once.
+            await _read_all(loop, r)
+            raise
+        except asyncio.CancelledError:
             os.close(r)
+            self.abandoned.add(rid)  # if it did fork it, the pid still comes: killed then (see _readable)
             raise
         self.started_agents += 1
         return Launched(pid, _read_all(loop, r), rc)
@@ -113,6 +124,11 @@ class Launcher:
             msg = json.loads(data)
             rid = msg.get("id")
             if "pid" in msg:
+                if rid in self.abandoned:  # its caller was cancelled while it was being forked
+                    self.abandoned.discard(rid)
+                    self.rcs.pop(rid, None)
+                    _kill_session(msg["pid"])
+                    continue
                 self.pids[rid] = msg["pid"]
                 fut = self.waiting.pop(rid, None)
                 if fut is not None and not fut.done():
@@ -206,12 +222,16 @@ def _orphan_rc(loop: asyncio.AbstractEventLoop, pid: int | None, fut: asyncio.Fu
     runner kills it on timeout as usual) it is reported as 1, a generic error: never as a success nobody saw."""
     if fut.done():
         return
-    try:
-        pidfd = os.pidfd_open(pid) if pid is not None else None
-    except OSError:
-        pidfd = None  # exited already
-    if pidfd is None:
+    if pid is None:
         fut.set_result(1)
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        fut.set_result(1)  # exited already
+        return
+    except OSError:
+        _poll_exit(loop, pid, fut)  # no pidfd here (old kernel, seccomp): look every 100 ms
         return
 
     def exited() -> None:
@@ -221,3 +241,22 @@ def _orphan_rc(loop: asyncio.AbstractEventLoop, pid: int | None, fut: asyncio.Fu
             fut.set_result(1)
 
     loop.add_reader(pidfd, exited)
+
+
+def _poll_exit(loop: asyncio.AbstractEventLoop, pid: int, fut: asyncio.Future) -> None:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        if not fut.done():
+            fut.set_result(1)
+        return
+    except OSError:
+        pass
+    loop.call_later(0.1, _poll_exit, loop, pid, fut)
+
+
+def _kill_session(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass

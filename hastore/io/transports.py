@@ -142,9 +142,10 @@ def _only_own_groups(sock: socket.socket, v6: bool) -> None:
 
 
 # Errors of a send that say this node cannot use the path at all, rather than that one datagram was lost: no
-# route (the interface it needs is down), the interface or device gone, the source address gone with it.
-LOCAL_DOWN = frozenset({errno.ENETUNREACH, errno.ENETDOWN, errno.ENODEV, errno.ENXIO, errno.EADDRNOTAVAIL,
-                        errno.EIO})
+# route (the interface it needs is down, or has lost its carrier where net.ipv4.conf.*.ignore_routes_with_linkdown
+# is 1), the interface or device gone. Not EADDRNOTAVAIL: an address being changed or still tentative (IPv6 DAD)
+# passes. (A serial link is down while its device is not open: see SerialTransport._lost.)
+LOCAL_DOWN = frozenset({errno.ENETUNREACH, errno.ENETDOWN, errno.ENODEV, errno.ENXIO})
 
 
 def _describe(exc: OSError) -> str:

@@ -53,6 +53,20 @@ def launcher() -> Launcher:
     return lau
 
 
+def with_launcher(tmp_path: Path, body, text: str = AGENT):
+    """Run `await body(launcher, agent_path)` with AGENT (or `text`) as the agent, closing the launcher after."""
+    agent = tmp_path / "agent"
+    agent.write_text(text)
+
+    async def main():
+        lau = launcher()
+        try:
+            return await body(lau, agent)
+        finally:
+            lau.close()
+    return asyncio.run(main())
+
+
 async def forked(lau: Launcher, path: Path, op: str, **params) -> tuple[bytes, int, int]:
     p = await lau.run(str(path), [op], env(**params))
     out, rc = await p.communicate()
@@ -109,22 +123,15 @@ def test_real_agents_answer_the_same_forked_or_started():
 def test_an_agent_that_ends_before_the_caller_hears_it_started(tmp_path):
     """Both answers (started, exited) can be read in one go when the agent is quick and the loop busy: the exit
     code must still reach the caller (it once got lost, and the group waited for it forever)."""
-    agent = tmp_path / "agent"
-    agent.write_text("import sys; sys.exit(3)\n")
-
-    async def main():
-        lau = launcher()
-        try:
-            for _ in range(3):
-                task = asyncio.create_task(lau.run(str(agent), ["x"], env()))
-                await asyncio.sleep(0)   # run() has sent the request and waits to hear the pid
-                time.sleep(0.3)          # the loop is busy: the agent forks and exits meanwhile
-                launched = await asyncio.wait_for(task, 5)
-                out, rc = await asyncio.wait_for(launched.communicate(), 5)
-                assert rc == 3, (rc, out)
-        finally:
-            lau.close()
-    asyncio.run(main())
+    async def body(lau, agent):
+        for _ in range(3):
+            task = asyncio.create_task(lau.run(str(agent), ["x"], env()))
+            await asyncio.sleep(0)   # run() has sent the request and waits to hear the pid
+            time.sleep(0.3)          # the loop is busy: the agent forks and exits meanwhile
+            launched = await asyncio.wait_for(task, 5)
+            out, rc = await asyncio.wait_for(launched.communicate(), 5)
+            assert rc == 3, (rc, out)
+    with_launcher(tmp_path, body, "import sys; sys.exit(3)\n")
 
 
 def test_the_runner_reports_an_operation_it_failed_to_run(tmp_path, monkeypatch):
@@ -139,6 +146,41 @@ def test_the_runner_reports_an_operation_it_failed_to_run(tmp_path, monkeypatch)
         return await one_op(runner, "show", 5)
     op, rc, detail, _ = asyncio.run(main())
     assert rc == 1 and "hastore could not run the agent: KeyError(16)" in detail
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+def test_a_caller_cancelled_while_its_agent_is_forked_leaves_no_agent_behind(tmp_path):
+    async def body(lau, agent):
+        task = asyncio.create_task(lau.run(str(agent), ["sleep"], env()))
+        await asyncio.sleep(0)  # sent; now waiting for the pid
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        deadline = time.monotonic() + 5
+        while lau.abandoned and time.monotonic() < deadline:  # until its pid came (it was forked)
+            await asyncio.sleep(0.05)
+        assert not lau.abandoned
+        while _children(lau.proc.pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert _children(lau.proc.pid) == [], "the agent forked for a cancelled caller must be killed"
+        assert (await forked(lau, agent, "show", word="x"))[1] == 7  # and the launcher still works
+    with_launcher(tmp_path, body)
+
+
+def test_the_pid_comes_once_the_agent_leads_its_own_session(tmp_path):
+    """So that killing the session by that pid (the runner's timeout, the guard) always reaches the agent."""
+    async def body(lau, agent):
+        for _ in range(10):
+            p = await lau.run(str(agent), ["sleep"], env())
+            assert os.getsid(p.pid) == p.pid
+            os.killpg(p.pid, signal.SIGKILL)
+            assert (await asyncio.wait_for(p.communicate(), 5))[1] == -9
+    with_launcher(tmp_path, body)
 
 
 def test_an_edited_agent_runs_its_new_code(tmp_path):
