@@ -105,7 +105,7 @@ configure() {
     echo "keepalive 200ms"
     echo "warntime 500ms"
     echo "deadtime 1s"
-    echo "initdead 10s"
+    echo "initdead 30s"  # the nodes start one after the other (vagrant up, or the VM lab under TCG: 12 s apart seen)
     echo "udpport 694"
     echo "ucast $repl_if $HASTORE_PEER_ADDR"
     if [ -n "${HASTORE_SERIAL:-}" ]; then
