@@ -79,12 +79,15 @@ def qemu_argv(prefix: str, d: Path, node: str, kernel: Path, initrd: Path, check
     cmdline = (f"console=ttyS0 panic=-1 quiet rootfstype=ramfs hastore.node={node} hastore.lan={g.lan_addr}/{LAN_PREFIXLEN} "
                f"hastore.gw={LAN_GW} hastore.repl={g.repl_addr}/24 hastore.hosts={hosts}")
     serial_mode = "server=on,wait=off" if g.index == 0 else "reconnect=1"
-    # One vCPU.  Tried: "-smp 2" on "tcg,thread=multi" halved the power-off failover (bench/vm_failover first
-    # write 16.5 -> 9.4 s: the survivor starts both groups at once), but in 2 of 3 runs of tests/vm the command
-    # channel to a guest stopped answering (no reply, or `hastore status` never answering for 240 s).
+    # Two vCPUs on multi-threaded TCG: after a power-off the survivor starts both groups at once (MariaDB's and
+    # NFS's), and on one vCPU they took turns (bench/vm_failover first write 10.3 -> 5.5 s median, with the agent
+    # launcher). Tried once before and reverted: tests/vm then failed 2 of 5 runs, one of them waiting for a group
+    # on bravo, as the initdead race (fixed since: initdead 30 s) does; the other with the command channel to a
+    # guest not answering for 70 s after it was powered off and started again. A timed-out wait in tests/vm says
+    # what the guests looked like (VmLab.explain).
     return [
-        "qemu-system-x86_64", "-name", f"hastore-vm:{prefix}:{node}", "-accel", "tcg,tb-size=256", "-cpu", "max",
-        "-smp", "1", "-m", str(MEM_MB), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "qemu-system-x86_64", "-name", f"hastore-vm:{prefix}:{node}", "-accel", "tcg,thread=multi,tb-size=256",
+        "-cpu", "max", "-smp", "2", "-m", str(MEM_MB), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
         "-chardev", f"socket,id=con,path={d}/{node}.console,server=on,wait=off,logfile={d}/{node}.console.log",
         "-serial", "chardev:con",
