@@ -405,15 +405,14 @@ class Engine:
 
     def _local_state(self, event, now: float, why: list) -> None:
         if isinstance(event, E.LinkState):
-            table, key, what = self.links_down, event.link, f"link {event.link}"
-            bad = not event.usable
+            table, key, bad = self.links_down, event.link, not event.usable
+            what, cause = f"link {event.link}", "sending on it fails here"
         else:
-            table, key, what = self.unroutable, event.address, f"ping node {event.address}"
-            bad = not event.routable
+            table, key, bad = self.unroutable, event.address, not event.routable
+            what, cause = f"ping node {event.address}", "no route to it"
         if bad and key not in table:
             table[key] = now
-            why.append(f"{what} cannot be used from this node: "
-                       f"{'sending on it fails here' if table is self.links_down else 'no route to it'}")
+            why.append(f"{what} cannot be used from this node: {cause}")
         elif not bad and key in table:
             del table[key]
             why.append(f"{what} can be used from this node again")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from hastore.config.model import Resource
 from hastore.core.resources import TIMEOUT_RC
 from hastore.io.launcher import Launcher, LauncherGone
+from hastore.io.proc import kill_group  # noqa: F401  (the guard imports it from here too)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AGENTS_DIR = REPO_ROOT / "agents"
@@ -246,7 +246,7 @@ class AgentRunner:
     async def _spawn(self, inv: Invocation, op: str, cmd: Command):
         """The running agent (pid, communicate() -> (output, rc), wait() -> rc), or why it could not start. Ours
         are forked by the launcher when it runs (see hastore.io.launcher), the others started as processes."""
-        if self.launcher is not None and self.launcher.alive and ours(inv):
+        if self.launcher is not None and ours(inv):
             try:
                 return await self.launcher.run(inv.path, [op], cmd.env)
             except LauncherGone:
@@ -318,10 +318,3 @@ def last_line(output: str) -> str:
 def _instance(group: str, name: str) -> str:
     """A resource instance name agents can use in file names (Dummy keeps its state file by it)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{group}-{name}").strip("_")[:100]
-
-
-def kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -12,11 +12,12 @@ import array
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+
+from hastore.io.proc import kill_group
 
 
 class LauncherGone(Exception):
@@ -45,8 +46,8 @@ class Launcher:
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self.next_id = 0
-        self.waiting: dict[int, asyncio.Future] = {}  # request id -> future of the pid, then of the rc
-        self.rcs: dict[int, asyncio.Future] = {}
+        self.waiting: dict[int, asyncio.Future] = {}  # request id -> future of the pid (until it comes)
+        self.rcs: dict[int, asyncio.Future] = {}  # request id -> future of the exit code (until it comes)
         self.pids: dict[int, int] = {}  # request id -> pid of the agents running now
         self.abandoned: set[int] = set()  # request ids whose caller was cancelled before the pid came
         self.started_agents = 0
@@ -127,17 +128,16 @@ class Launcher:
                 if rid in self.abandoned:  # its caller was cancelled while it was being forked
                     self.abandoned.discard(rid)
                     self.rcs.pop(rid, None)
-                    _kill_session(msg["pid"])
+                    kill_group(msg["pid"])
                     continue
                 self.pids[rid] = msg["pid"]
                 fut = self.waiting.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg["pid"])
             elif "rc" in msg:
-                fut = self.rcs.get(rid)
+                fut = self.rcs.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg["rc"])
-                self.rcs.pop(rid, None)
                 self.pids.pop(rid, None)
             elif "error" in msg:
                 fut = self.waiting.pop(rid, None)
@@ -253,10 +253,3 @@ def _poll_exit(loop: asyncio.AbstractEventLoop, pid: int, fut: asyncio.Future) -
     except OSError:
         pass
     loop.call_later(0.1, _poll_exit, loop, pid, fut)
-
-
-def _kill_session(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 
 def start_ticks(pid: int) -> int | None:
     """A live process's start time (clock ticks after boot); None when it does not exist or has exited (a zombie
@@ -15,3 +18,11 @@ def start_ticks(pid: int) -> int | None:
         return None if fields[0] in ("Z", "X") else int(fields[19])
     except (IndexError, ValueError):
         return None
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the session (process group) that `pid` leads, as the agents run: gone already is fine."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -74,7 +74,7 @@ def lease_timing(deadtime: str, keepalive: str) -> tuple[int, int]:
     dead, beat = parse_duration(deadtime), parse_duration(keepalive)
     renew = max((dead - beat) // 8, 50)
     lease = max(dead - beat - (renew + 1) // 2, 600)
-    return lease, min(renew, lease // 3)
+    return lease, renew
 
 
 def haresources_line(d: Path, lock: str, data: str, first: str, lease: tuple[int, int]) -> str:

@@ -1,6 +1,6 @@
 """Fault scenarios on the namespace lab (disklock -> Filesystem -> IPaddr -> mysql, Heartbeat files).
 
-Timing of the lab: keepalive 200 ms, deadtime 1 s, disk lease 1 s (as long as deadtime); the group prefers alpha.
+Timing of the lab: keepalive 200 ms, deadtime 1 s, disk lease 750 ms renewed every 100 ms (hastore.lab.keeper.lease_timing); the group prefers alpha.
 """
 
 from __future__ import annotations
