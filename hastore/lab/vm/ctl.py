@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import socket
 import threading
 import time
@@ -25,7 +26,9 @@ class CtlClient:
         self.path = path
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        # ids unique across clients: a reply the guest still owes an earlier client (one that gave up or was
+        # killed) must not be taken for the answer to this one's request of the same number
+        self._ids = itertools.count(int.from_bytes(os.urandom(6), "big") << 16)
         self._pending: dict[int, dict] = {}
         self._cond = threading.Condition(self._lock)
 
