@@ -20,6 +20,7 @@ resource with several peers reports the first connection (hastore runs two nodes
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import namedtuple  # not dataclasses: an agent runs per call, and that import costs ~20 ms
 
@@ -147,6 +148,25 @@ def parse_minors(text: str) -> list[int]:
     if not all(line.isdigit() for line in lines):
         raise ParseError(f"`drbdadm sh-minor` printed {text.strip()!r}, not minor numbers")
     return [int(line) for line in lines]
+
+
+def minors_from_debugfs(root: str, resource: str) -> list[int]:
+    """An 8.4 resource's minors as the kernel maps them: DRBD's debugfs directory has minors/N, a link to
+    ../resources/RES/volumes/VNR, for every minor that exists. [] when the resource has none there (not up) or the
+    directory cannot be read (debugfs not mounted, or a kernel without it): the caller asks drbdadm then."""
+    try:
+        entries = os.listdir(os.path.join(root, "minors"))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            parts = os.readlink(os.path.join(root, "minors", entry)).split("/")
+        except OSError:
+            continue
+        if entry.isdigit() and parts[-4:-2] == ["resources", resource]:
+            found.append(int(entry))
+    return sorted(found)
 
 
 def state_from_proc(resource: str, proc: ProcDrbd, minors: list[int]) -> DrbdState | None:

@@ -30,7 +30,8 @@ class Drbd:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("OCF_")}
         self.env.update(FAKE_DRBD_STATE=str(state), PYTHONPATH=str(REPO), OCF_RESOURCE_INSTANCE="data")
         self.params = {"resource": "r0", "drbdadm": str(FAKE_ADM), "drbdsetup": str(FAKE_SETUP),
-                       "proc_drbd": str(state / "proc_drbd"), "wait_connect_s": "0"}
+                       "proc_drbd": str(state / "proc_drbd"), "debugfs": str(state / "debugfs"),
+                       "wait_connect_s": "0"}
 
     def fake(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(FAKE_ADM), *args], env=self.env, capture_output=True, text=True,
@@ -116,19 +117,40 @@ def test_double_proc_and_unknown_resource_match_fixtures(drbd):
     assert (res.returncode, res.stderr) == (1, (FIX / "drbdadm-not-defined.stderr").read_text())
 
 
+def agent_calls(drbd) -> list[str]:
+    return [c for c in drbd.calls() if "fake-set" not in c]
+
+
 def test_drbd84_state_comes_from_proc_drbd_with_one_drbdadm_call_per_agent_call(drbd):
-    """The minor from `drbdadm sh-minor` once, then /proc/drbd for every read: no role/cstate/dstate processes."""
-    def agent_calls():
-        return [c for c in drbd.calls() if "fake-set" not in c]
+    """Without debugfs: the minor from `drbdadm sh-minor` once, then /proc/drbd for every read: no
+    role/cstate/dstate processes."""
+    nodebug = str(drbd.state / "no-debugfs")
     drbd.set(role="Primary")
-    res = drbd.agent("monitor")
+    res = drbd.agent("monitor", debugfs=nodebug)
     assert rc(res) == 0, res.stderr  # 7 would mean it read Secondary: the double keeps proc_drbd in step
     drbd.set(role="Secondary", cstate="WFConnection", peer_role="Primary")
-    assert rc(drbd.agent("monitor")) == 7
-    assert agent_calls() == ["fake-drbdadm sh-minor r0"] * 2
-    res = drbd.agent("start")  # no peer connected: promote, then read the result from /proc/drbd
+    assert rc(drbd.agent("monitor", debugfs=nodebug)) == 7
+    assert agent_calls(drbd) == ["fake-drbdadm sh-minor r0"] * 2
+    res = drbd.agent("start", debugfs=nodebug)  # no peer connected: promote, then read the result from /proc/drbd
     assert rc(res) == 0 and "r0 is Primary: role Primary/Unknown, connection WFConnection" in res.stderr, res.stderr
-    assert agent_calls()[2:] == ["fake-drbdadm sh-minor r0", "fake-drbdadm primary r0"]
+    assert agent_calls(drbd)[2:] == ["fake-drbdadm sh-minor r0", "fake-drbdadm primary r0"]
+
+
+def test_drbd84_minor_from_debugfs_runs_no_drbdadm_but_the_promotion(drbd):
+    """With DRBD's debugfs (minors/N -> ../resources/RES/volumes/V) monitor runs no process at all, and start
+    only `drbdadm primary`; another resource's minor is not taken for ours."""
+    drbd.set("r1", minor=1, role="Primary")
+    assert sorted(os.listdir(drbd.state / "debugfs" / "minors")) == ["0", "1"]
+    assert rc(drbd.agent("monitor")) == 7
+    assert rc(drbd.agent("monitor", resource="r1")) == 0
+    drbd.set(cstate="WFConnection", peer_role="Unknown")
+    res = drbd.agent("start")
+    assert rc(res) == 0 and "r0 is Primary" in res.stderr, res.stderr
+    assert agent_calls(drbd) == ["fake-drbdadm primary r0"]
+    drbd.fake("down", "r0")  # not up: debugfs has no minor of it, and drbdadm is asked (and brings it up)
+    assert sorted(os.listdir(drbd.state / "debugfs" / "minors")) == ["1"]
+    assert rc(drbd.agent("monitor")) == 7
+    assert agent_calls(drbd)[-2:] == ["fake-drbdadm down r0", "fake-drbdadm sh-minor r0"]
 
 
 # ------------------------------------------------------------------ meta-data and ocf-tester
@@ -138,7 +160,7 @@ def test_meta_data_is_valid_xml(drbd):
     doc = minidom.parseString(res.stdout)
     params = {p.getAttribute("name"): p for p in doc.getElementsByTagName("parameter")}
     assert set(params) == {"resource", "force_promote", "drbdadm", "drbdsetup", "wait_connect_s", "wait_peer_gone_s",
-                           "proc_drbd"}
+                           "proc_drbd", "debugfs"}
     assert params["resource"].getAttribute("required") == "1"
     content = params["force_promote"].getElementsByTagName("content")[0]
     assert (content.getAttribute("type"), content.getAttribute("default")) == ("boolean", "false")
