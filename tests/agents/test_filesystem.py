@@ -178,7 +178,7 @@ def test_filesystem_mountinfo_parsing():
 
 def test_filesystem_start_stop_idempotent_with_fsck(disk):
     assert disk.agent("monitor").returncode == 7
-    res = disk.agent("start", options="noatime")
+    res = disk.agent("start", options="noatime", fsck="yes")
     assert res.returncode == 0, res.stderr
     assert f"fsck {disk.device}: {disk.device}: clean" in res.stderr    # e2fsck -a ran
     [m] = disk.mounted()
@@ -195,6 +195,10 @@ def test_filesystem_start_stop_idempotent_with_fsck(disk):
     assert res.returncode == 0 and "not mounted" in res.stderr
     res = disk.agent("start", fsck="no")
     assert res.returncode == 0 and "fsck" not in res.stderr
+    assert disk.agent("stop").returncode == 0
+    res = disk.agent("start")  # auto: ext4 replays its journal at mount, as resource-agents' Filesystem trusts
+    assert res.returncode == 0 and f"not checking {disk.device}: ext4 replays its journal" in res.stderr, res.stderr
+    assert f"fsck {disk.device}:" not in res.stderr
     assert disk.agent("stop").returncode == 0
 
 
@@ -266,7 +270,7 @@ def test_filesystem_fsck_failure_blocks_mount(disk):
     with open(disk.device, "r+b") as dev:
         dev.seek(1024)
         dev.write(b"\0" * 1024)
-    res = disk.agent("start")
+    res = disk.agent("start", fsck="yes")
     assert res.returncode == 1, res.stderr
     assert f"fsck of {disk.device} exited 8 (operational error); not mounting it" in res.stderr
     assert disk.mounted() == []
@@ -298,3 +302,13 @@ def test_filesystem_passes_ocf_tester(disk):
     finally:
         disk.agent("stop")
     assert disk.mounted() == []
+
+
+def test_filesystem_fsck_auto_checks_ext2(disk):
+    """ext2 has no journal: auto checks it before mounting (and finds the type by blkid when fstype is empty)."""
+    subprocess.run(["mkfs.ext2", "-q", "-F", disk.device], check=True, capture_output=True)
+    res = disk.agent("start", fstype=None)
+    assert res.returncode == 0, res.stderr
+    assert f"fsck {disk.device}: {disk.device}: clean" in res.stderr
+    assert [m.fstype for m in disk.mounted()] == ["ext2"]
+    assert disk.agent("stop").returncode == 0
