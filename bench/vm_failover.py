@@ -59,7 +59,7 @@ def trial(lab: VmLab, victim: str, n: int) -> dict:
     t0 = time.time()
     lab.fault(victim, "poweroff")
     threads = [threading.Thread(target=first_ok, daemon=True, args=(lab, t0, found, "vip", lambda: lab.lan_run(
-                   ["ping", "-n", "-c", "1", "-W", "1", vip], timeout=10).returncode == 0, stop))]
+                   ["ping", "-n", "-c", "1", "-W", "0.2", vip], timeout=10).returncode == 0, stop))]
     ids = iter(range(1, 10**6))
     threads.append(threading.Thread(target=first_ok, daemon=True, args=(lab, t0, found, "write", lambda: lab.sql(
         f"INSERT INTO {table} VALUES ({next(ids)})", timeout=3).returncode == 0, stop)))
