@@ -21,7 +21,7 @@ from pathlib import Path
 from hastore.config.model import Resource
 from hastore.core.resources import TIMEOUT_RC
 from hastore.io.launcher import Launcher, LauncherGone
-from hastore.io.proc import kill_group  # noqa: F401  (the guard imports it from here too)
+from hastore.io.proc import kill_group
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AGENTS_DIR = REPO_ROOT / "agents"

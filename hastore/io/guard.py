@@ -39,8 +39,8 @@ import time
 from dataclasses import dataclass, field
 
 from hastore.core.resources import TIMEOUT_RC
-from hastore.io.agents import OCF_NOT_INSTALLED, kill_group, last_line, with_repo_on_path
-from hastore.io.proc import start_ticks
+from hastore.io.agents import OCF_NOT_INSTALLED, last_line, with_repo_on_path
+from hastore.io.proc import kill_group, start_ticks
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 STARTUP_S = 10.0  # how long the daemon waits for a new guard to answer
