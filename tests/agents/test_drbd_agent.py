@@ -264,15 +264,38 @@ def test_start_failing_up_says_why(drbd):
 
 
 def test_start_refused_while_peer_is_primary(drbd):
-    """A peer still connected as Primary (DRBD has not noticed yet that it died, or it runs): the agent waits
-    wait_peer_gone_s for it to go, then refuses without asking DRBD for a second Primary."""
+    """A peer still connected as Primary that answers DRBD's pings (it runs): the agent asks DRBD to promote, which
+    pings the peer and refuses a second Primary; after wait_peer_gone_s the agent refuses too, still Secondary."""
     drbd.set(peer_role="Primary")
     t0 = time.monotonic()
     res = drbd.agent("start", wait_peer_gone_s="1")
     assert rc(res) == 1
     assert time.monotonic() - t0 >= 1.0
     assert "waiting up to 1 s for DRBD to notice it is gone" in res.stderr
+    assert "it pinged the peer and still refuses: " in res.stderr and "Multiple primaries" in res.stderr
     assert "refusing to promote r0: the peer is connected and Primary" in res.stderr
+    assert drbd.promotions() == ["fake-drbdadm primary r0"] and drbd.role() == "Secondary"
+
+
+def test_start_asks_drbd_at_once_so_it_notices_a_dead_primary_peer(drbd):
+    """A Primary peer that died, still connected as far as DRBD knows: asking DRBD to promote makes it ping the
+    peer, notice the silence within its ping-timeout and promote in the same request. The agent does not sit out
+    DRBD's own ping interval (nor wait_peer_gone_s)."""
+    drbd.set(peer_role="Primary", peer_dead="true")
+    t0 = time.monotonic()
+    res = drbd.agent("start", wait_peer_gone_s="30")
+    assert rc(res) == 0, res.stderr
+    assert time.monotonic() - t0 < 10
+    assert "r0 is Primary: role Primary/Unknown, connection WFConnection" in res.stderr, res.stderr
+    assert drbd.promotions() == ["fake-drbdadm primary r0"] and drbd.role() == "Primary"
+
+
+def test_start_does_not_ask_drbd_to_promote_a_disk_it_would_refuse(drbd):
+    """While the peer is still Primary, only an UpToDate disk is offered to DRBD (force_promote is applied after
+    the peer is gone, by the usual checks): a Consistent disk waits and is refused without a promotion."""
+    drbd.set(peer_role="Primary", peer_dead="true", disk="Consistent")
+    res = drbd.agent("start", wait_peer_gone_s="1", force_promote="true")
+    assert rc(res) == 1 and "the peer is connected and Primary" in res.stderr, res.stderr
     assert drbd.promotions() == [] and drbd.role() == "Secondary"
 
 
