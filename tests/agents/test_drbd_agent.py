@@ -19,7 +19,7 @@ from ocftester import ocf_tester
 REPO = Path(__file__).resolve().parents[2]
 AGENT = REPO / "agents" / "drbd"
 FIX = REPO / "tests" / "fixtures" / "drbd"
-FAKE_ADM, FAKE_SETUP = FIX / "fake-drbdadm", FIX / "fake-drbdsetup"
+FAKE_ADM, FAKE_SETUP, FAKE_SETUP_84 = FIX / "fake-drbdadm", FIX / "fake-drbdsetup", FIX / "fake-drbdsetup-84"
 
 
 class Drbd:
@@ -30,6 +30,7 @@ class Drbd:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("OCF_")}
         self.env.update(FAKE_DRBD_STATE=str(state), PYTHONPATH=str(REPO), OCF_RESOURCE_INSTANCE="data")
         self.params = {"resource": "r0", "drbdadm": str(FAKE_ADM), "drbdsetup": str(FAKE_SETUP),
+                       "drbdsetup_84": str(FAKE_SETUP_84),
                        "proc_drbd": str(state / "proc_drbd"), "debugfs": str(state / "debugfs"),
                        "wait_connect_s": "0"}
 
@@ -133,7 +134,7 @@ def test_drbd84_state_comes_from_proc_drbd_with_one_drbdadm_call_per_agent_call(
     assert agent_calls(drbd) == ["fake-drbdadm sh-minor r0"] * 2
     res = drbd.agent("start", debugfs=nodebug)  # no peer connected: promote, then read the result from /proc/drbd
     assert rc(res) == 0 and "r0 is Primary: role Primary/Unknown, connection WFConnection" in res.stderr, res.stderr
-    assert agent_calls(drbd)[2:] == ["fake-drbdadm sh-minor r0", "fake-drbdadm primary r0"]
+    assert agent_calls(drbd)[2:] == ["fake-drbdadm sh-minor r0", "fake-drbdsetup-84 primary 0"]
 
 
 def test_drbd84_minor_from_debugfs_runs_no_drbdadm_but_the_promotion(drbd):
@@ -146,7 +147,7 @@ def test_drbd84_minor_from_debugfs_runs_no_drbdadm_but_the_promotion(drbd):
     drbd.set(cstate="WFConnection", peer_role="Unknown")
     res = drbd.agent("start")
     assert rc(res) == 0 and "r0 is Primary" in res.stderr, res.stderr
-    assert agent_calls(drbd) == ["fake-drbdadm primary r0"]
+    assert agent_calls(drbd) == ["fake-drbdsetup-84 primary 0"]
     drbd.fake("down", "r0")  # not up: debugfs has no minor of it, and drbdadm is asked (and brings it up)
     assert sorted(os.listdir(drbd.state / "debugfs" / "minors")) == ["1"]
     assert rc(drbd.agent("monitor")) == 7
@@ -159,8 +160,9 @@ def test_meta_data_is_valid_xml(drbd):
     assert rc(res) == 0, res.stderr
     doc = minidom.parseString(res.stdout)
     params = {p.getAttribute("name"): p for p in doc.getElementsByTagName("parameter")}
-    assert set(params) == {"resource", "force_promote", "drbdadm", "drbdsetup", "wait_connect_s", "wait_peer_gone_s",
-                           "proc_drbd", "debugfs"}
+    assert set(params) == {"resource", "force_promote", "drbdadm", "drbdsetup", "drbdsetup_84", "wait_connect_s",
+                           "wait_peer_gone_s", "proc_drbd", "debugfs"}
+    assert params["drbdsetup_84"].getElementsByTagName("content")[0].getAttribute("default") == "auto"
     assert params["resource"].getAttribute("required") == "1"
     content = params["force_promote"].getElementsByTagName("content")[0]
     assert (content.getAttribute("type"), content.getAttribute("default")) == ("boolean", "false")
@@ -180,7 +182,7 @@ def test_start_promotes_uptodate_and_is_idempotent(drbd):
     res = drbd.agent("start")
     assert rc(res) == 0, res.stderr
     assert drbd.role() == "Primary"
-    assert drbd.promotions() == ["fake-drbdadm primary r0"]
+    assert drbd.promotions() == ["fake-drbdsetup-84 primary 0"]
     assert rc(drbd.agent("start")) == 0
     assert len(drbd.promotions()) == 1, "a started resource is not promoted again"
     mon = drbd.agent("monitor")
@@ -214,7 +216,7 @@ def test_force_promote_promotes_outdated_with_force(drbd):
     res = drbd.agent("start", force_promote="true")
     assert rc(res) == 0, res.stderr
     assert drbd.role() == "Primary"
-    assert drbd.promotions() == ["fake-drbdadm primary --force r0"]
+    assert drbd.promotions() == ["fake-drbdsetup-84 primary 0 --force"]
     assert "WARNING: forcing r0 to Primary although its disk is Outdated" in res.stderr
 
 
@@ -232,7 +234,7 @@ def test_start_brings_a_down_resource_up_first(drbd):
     assert rc(res) == 0, res.stderr
     calls = drbd.calls()
     assert "fake-drbdadm up r0" in calls
-    assert calls.index("fake-drbdadm up r0") < calls.index("fake-drbdadm primary r0")
+    assert calls.index("fake-drbdadm up r0") < calls.index("fake-drbdsetup-84 primary 0")
     assert drbd.role() == "Primary"
 
 
@@ -245,7 +247,7 @@ def test_start_waits_for_the_peer_before_judging_the_disk(drbd):
     elapsed = time.monotonic() - t0
     assert rc(res) == 0, res.stderr
     assert 1.0 <= elapsed < 5, elapsed
-    assert drbd.promotions() == ["fake-drbdadm primary r0"], "no --force needed once the peer answered"
+    assert drbd.promotions() == ["fake-drbdsetup-84 primary 0"], "no --force needed once the peer answered"
 
 
 def test_start_gives_up_waiting_after_wait_connect_s(drbd):
@@ -274,7 +276,7 @@ def test_start_refused_while_peer_is_primary(drbd):
     assert "waiting up to 1 s for DRBD to notice it is gone" in res.stderr
     assert "it pinged the peer and still refuses: " in res.stderr and "Multiple primaries" in res.stderr
     assert "refusing to promote r0: the peer is connected and Primary" in res.stderr
-    assert drbd.promotions() == ["fake-drbdadm primary r0"] and drbd.role() == "Secondary"
+    assert drbd.promotions() == ["fake-drbdsetup-84 primary 0"] and drbd.role() == "Secondary"
 
 
 def test_start_asks_drbd_at_once_so_it_notices_a_dead_primary_peer(drbd):
@@ -287,7 +289,32 @@ def test_start_asks_drbd_at_once_so_it_notices_a_dead_primary_peer(drbd):
     assert rc(res) == 0, res.stderr
     assert time.monotonic() - t0 < 10
     assert "r0 is Primary: role Primary/Unknown, connection WFConnection" in res.stderr, res.stderr
-    assert drbd.promotions() == ["fake-drbdadm primary r0"] and drbd.role() == "Primary"
+    assert drbd.promotions() == ["fake-drbdsetup-84 primary 0"] and drbd.role() == "Primary"
+
+
+def test_drbd84_promotes_with_drbdsetup_84_or_else_drbdadm(drbd):
+    """DRBD 8.4: each minor is promoted with drbdsetup-84 as drbdadm would (`drbdadm -d primary r0` prints
+    `drbdsetup-84 primary 0`), saving drbdadm's start; without it (drbdsetup_84 empty, or none installed for auto)
+    drbdadm promotes. Its refusal, as the VM lab's drbdsetup-84 printed it, names the reason either way."""
+    drbd.set(peer_role="Primary")
+    res = subprocess.run([str(FAKE_SETUP_84), "primary", "0"], env=drbd.env, capture_output=True, text=True,
+                         check=False)
+    assert (res.returncode, res.stderr) == (11, (FIX / "drbdsetup-84-primary-peer-primary.stderr").read_text())
+    drbd.set(cstate="WFConnection", peer_role="Unknown", disk="Outdated")
+    res = drbd.agent("start", force_promote="true")
+    assert rc(res) == 0, res.stderr
+    assert drbd.promotions()[-1] == "fake-drbdsetup-84 primary 0 --force"
+    drbd.fake("secondary", "r0")
+    res = drbd.agent("start", drbdsetup_84="")
+    assert rc(res) == 0, res.stderr
+    assert drbd.promotions()[-1] == "fake-drbdadm primary r0"
+    drbd.fake("secondary", "r0")
+    drbd.set(cstate="Connected", peer_role="Primary")  # alive, and no time given to notice it is gone
+    res = drbd.agent("start", wait_peer_gone_s="0")
+    assert rc(res) == 1 and "the peer is connected and Primary" in res.stderr, res.stderr
+    drbd.set(cstate="WFConnection", peer_role="Unknown", disk="Inconsistent")
+    res = drbd.agent("start", force_promote="false")
+    assert rc(res) == 1 and "not UpToDate" in res.stderr, res.stderr
 
 
 def test_start_does_not_ask_drbd_to_promote_a_disk_it_would_refuse(drbd):
@@ -324,7 +351,7 @@ def test_without_the_kernel_module(drbd):
 
 
 def test_without_drbdadm(drbd):
-    res = drbd.agent("start", drbdadm=str(drbd.state / "no-drbdadm"))
+    res = drbd.agent("start", drbdadm=str(drbd.state / "no-drbdadm"), drbdsetup_84="")
     assert rc(res) == 5 and "install drbd-utils" in res.stderr
     assert rc(drbd.agent("validate-all", drbdadm="/nonexistent/drbdadm")) == 5
 
