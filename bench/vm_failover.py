@@ -20,10 +20,10 @@ import argparse
 import datetime as dt
 import json
 import os
+import select
 import signal
 import socket
 import statistics
-import struct
 import sys
 import threading
 import time
@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hastore.lab.vm.lab import VmLab, wait_until as wait  # noqa: E402
+from hastore.lab.probe import Pinger  # noqa: E402
 from hastore.lab.vm import wiring as w  # noqa: E402
 from pyroute2.netns import setns  # noqa: E402
 
@@ -51,36 +52,27 @@ def _in_lan(lab: VmLab) -> None:
     setns(lab.ns, flags=0)
 
 
-def _checksum(data: bytes) -> int:
-    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data) - 1, 2))
-    total += data[-1] << 8 if len(data) % 2 else 0
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def probe_vip(lab: VmLab, t0: float, found: dict, stop: threading.Event) -> None:
-    """An ICMP echo to the VIP every 50 ms from the LAN until one is answered: found["vip"]."""
+    """An ICMP echo to the VIP every 50 ms from the LAN until one is answered: found["vip"]. The echo is
+    hastore.lab.probe's, its socket opened in the LAN namespace."""
     _in_lan(lab)
-    vip = w.VIP.split("/")[0]
-    ident = threading.get_native_id() & 0xFFFF
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
-        s.settimeout(0.05)
+    pinger = Pinger(w.VIP.split("/")[0])
+    try:
         seq = 0
         while not stop.is_set():
             seq = (seq + 1) & 0xFFFF
-            head = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"hastore-bench"
-            s.sendto(head[:2] + _checksum(head).to_bytes(2, "big") + head[4:], (vip, 0))
+            try:
+                pinger.send(seq)
+            except OSError:
+                pass  # no route or no neighbour yet: that echo is lost, as it would be on the wire
             until = time.monotonic() + 0.05
             while time.monotonic() < until:
-                try:
-                    data, (src, _) = s.recvfrom(2048)
-                except (TimeoutError, BlockingIOError):
-                    break
-                icmp = data[(data[0] & 0x0F) * 4:]  # after the IP header
-                if src == vip and icmp[:1] == b"\0" and int.from_bytes(icmp[4:6], "big") == ident:
+                select.select([pinger.sock], [], [], max(0.0, until - time.monotonic()))
+                if pinger.replies():
                     found["vip"] = time.time() - t0
                     return
+    finally:
+        pinger.close()
 
 
 def probe_write(lab: VmLab, t0: float, found: dict, stop: threading.Event, table: str) -> None:

@@ -76,9 +76,10 @@ resource $1 {
   disk { c-plan-ahead 0; resync-rate 100M; }  # a fixed, fast resync: a lab disk syncs in seconds
   # DRBD notices a dead peer by its own pings (default every 10 s): until it does it refuses to promote here
   # ("Multiple primaries not allowed"), whatever hastore's heartbeat already knows. A ping after 1 s without
-  # traffic (the least), and the default 500 ms for its answer: DRBD noticed a power-off 1.5-1.8 s after it in the
-  # VM lab, 0.5-0.9 s after hastore's deadtime. ping-timeout 2 (200 ms) was tried: a node busy booting and
-  # resyncing under TCG then lost its connection to a live peer (PingAck did not arrive in time).
+  # traffic (the least), and the default 500 ms for its answer. hastore's drbd agent asks DRBD to promote as soon
+  # as it starts, which makes DRBD ping the peer at once: in the VM lab the survivor was then Primary ~0.8 s after
+  # hastore declared the peer dead, where DRBD on its own noticed up to 1.3 s after. ping-timeout 2 (200 ms) was
+  # tried: a node busy booting and resyncing under TCG then lost its connection to a live peer.
   net { ping-int 1; ping-timeout 5; }
   on $HASTORE_NODE { address $HASTORE_NODE_ADDR:$4; }
   on $HASTORE_PEER { address $HASTORE_PEER_ADDR:$4; }

@@ -137,9 +137,9 @@ def test_drbd84_state_comes_from_proc_drbd_with_one_drbdadm_call_per_agent_call(
     assert agent_calls(drbd)[2:] == ["fake-drbdadm sh-minor r0", "fake-drbdsetup-84 primary 0"]
 
 
-def test_drbd84_minor_from_debugfs_runs_no_drbdadm_but_the_promotion(drbd):
+def test_drbd84_minor_from_debugfs_runs_no_drbdadm(drbd):
     """With DRBD's debugfs (minors/N -> ../resources/RES/volumes/V) monitor runs no process at all, and start
-    only `drbdadm primary`; another resource's minor is not taken for ours."""
+    only the promotion (drbdsetup-84); another resource's minor is not taken for ours."""
     drbd.set("r1", minor=1, role="Primary")
     assert sorted(os.listdir(drbd.state / "debugfs" / "minors")) == ["0", "1"]
     assert rc(drbd.agent("monitor")) == 7
@@ -295,7 +295,7 @@ def test_start_asks_drbd_at_once_so_it_notices_a_dead_primary_peer(drbd):
 def test_drbd84_promotes_with_drbdsetup_84_or_else_drbdadm(drbd):
     """DRBD 8.4: each minor is promoted with drbdsetup-84 as drbdadm would (`drbdadm -d primary r0` prints
     `drbdsetup-84 primary 0`), saving drbdadm's start; without it (drbdsetup_84 empty, or none installed for auto)
-    drbdadm promotes. Its refusal, as the VM lab's drbdsetup-84 printed it, names the reason either way."""
+    drbdadm promotes. The double refuses as the VM lab's drbdsetup-84 did, and the agent's own refusals stand."""
     drbd.set(peer_role="Primary")
     res = subprocess.run([str(FAKE_SETUP_84), "primary", "0"], env=drbd.env, capture_output=True, text=True,
                          check=False)
