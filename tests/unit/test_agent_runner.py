@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -124,6 +125,11 @@ def test_resolution_order_and_haresources_arguments(tmp_path):
     assert ag.resolve(Resource("mysql"), None, agents_dir=agents, init_d=initd, ocf_root=tmp_path).kind == "lsb"
     inv = ag.resolve(Resource("mysql", ("/data/mysql",)), None, agents_dir=agents, init_d=initd)
     assert inv.kind == "ocf" and inv.params == (("datadir", "/data/mysql"),)
+    # each further argument is one server option; the agent splits them as a shell would
+    inv = ag.resolve(Resource("mysql", ("/data/mysql", "--innodb-buffer-pool-size=32M", "--key-buffer-size=1M",
+                                        "--init-connect=SET @a=1;")), None, agents_dir=agents, init_d=initd)
+    opts = dict(inv.params)["additional_parameters"]
+    assert shlex.split(opts) == ["--innodb-buffer-pool-size=32M", "--key-buffer-size=1M", "--init-connect=SET @a=1;"]
     inv = ag.resolve(Resource("nosuchthing"), None, agents_dir=agents, init_d=tmp_path)
     assert inv.kind in ("missing", "systemd")
 
