@@ -76,11 +76,12 @@ resource $1 {
   disk { c-plan-ahead 0; resync-rate 100M; }  # a fixed, fast resync: a lab disk syncs in seconds
   # DRBD notices a dead peer by its own pings (default every 10 s): until it does it refuses to promote here
   # ("Multiple primaries not allowed"), whatever hastore's heartbeat already knows. A ping after 1 s without
-  # traffic (the least), and the default 500 ms for its answer. hastore's drbd agent asks DRBD to promote as soon
-  # as it starts, which makes DRBD ping the peer at once: in the VM lab the survivor was then Primary ~0.8 s after
-  # hastore declared the peer dead, where DRBD on its own noticed up to 1.3 s after. ping-timeout 2 (200 ms) was
-  # tried: a node busy booting and resyncing under TCG then lost its connection to a live peer.
-  net { ping-int 1; ping-timeout 5; }
+  # traffic (the least), and 300 ms for its answer (default 500 ms). hastore's drbd agent asks DRBD to promote as
+  # soon as it starts, which makes DRBD ping the peer at once and wait ping-timeout + 0.1 s: in the VM lab the
+  # survivor was then Primary 0.6 s after hastore declared the peer dead (0.8 s with 500 ms), where DRBD on its
+  # own noticed up to 1.3 s after. ping-timeout 2 (200 ms) was tried: a node busy booting and resyncing under TCG
+  # then lost its connection to a live peer; with 3, 5 power-offs and rejoins showed no such loss.
+  net { ping-int 1; ping-timeout 3; }
   on $HASTORE_NODE { address $HASTORE_NODE_ADDR:$4; }
   on $HASTORE_PEER { address $HASTORE_PEER_ADDR:$4; }
 }
