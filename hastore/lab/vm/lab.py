@@ -19,8 +19,8 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hastore.io.proc import start_ticks
@@ -209,21 +209,9 @@ class VmLab:
             for node in sorted(self.nodes, key=lambda n: n == "alpha"):
                 self.provision(node, step, timeout)
             return
-        errors: list[BaseException] = []
-
-        def one(node: str) -> None:
-            try:
-                self.provision(node, step, timeout)
-            except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
-                errors.append(e)
-
-        threads = [threading.Thread(target=one, args=(n,), name=f"provision-{n}") for n in self.nodes]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        with ThreadPoolExecutor(len(self.nodes), thread_name_prefix="provision") as pool:
+            for done in [pool.submit(self.provision, node, step, timeout) for node in self.nodes]:
+                done.result()  # the first failure is raised here, after both guests have finished
 
     def lan_run(self, argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
         """A command in the LAN namespace (the client side of the VIP)."""
