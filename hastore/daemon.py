@@ -196,6 +196,7 @@ class Daemon:
             return
         if decision.reason:
             self._log_decision(decision)
+            self._retime_guard()  # first: a peer just heard from may take over deadtime after our next silence
         for action in decision.actions:
             self._execute(action)
         if self.guard is not None and (isinstance(event, E.AgentDone) or
@@ -357,10 +358,15 @@ class Daemon:
         fenced meanwhile: ask it, and wait for the answer, before deciding anything on a belief that may be stale."""
         if self.guard is None or self.fenced:
             return not self.fenced
-        gap = self.guard.silence(now)
+        gap, configured = self.guard.silence(now), self.config.guard_timeout / 1000
         if gap <= self.guard.timeout_s or self.guard.gone:
-            if gap >= self.guard.timeout_s / 8:
+            if gap >= min(configured, self.guard.timeout_s) / 8:  # the same cadence whatever the guard allows
                 self.guard.pet()
+            if gap > configured and not self.guard.gone:
+                self.log.warning("stalled", reason=f"the daemon did not run for {int(gap * 1000)} ms, more than "
+                                                   f"guard_timeout ({self.config.guard_timeout} ms); the guard "
+                                                   f"allows {self.guard.timeout_ms} ms while the peer is down: "
+                                                   f"carrying on")
             return True
         self.stall_ms = int(gap * 1000)
         answer = self.guard.confirm(max(1.0, self.guard.timeout_s))
@@ -369,7 +375,17 @@ class Daemon:
             self.log.warning("stalled", reason=f"the daemon did not run for {self.stall_ms} ms (guard_timeout "
                                                f"{self.guard.timeout_ms} ms); {said}: carrying on")
         self._on_guard_change()
+        self.stall_ms = 0  # measured for this stall only: a later fencing reports its own freeze
         return not self.fenced
+
+    def _retime_guard(self) -> None:
+        """Give the guard the timeout the engine asks for now (Engine.guard_timeout), saying why when it changes."""
+        if self.guard is None or self.fenced:
+            return
+        ms, why = self.engine.guard_timeout()
+        if ms != self.guard.timeout_ms:
+            self.guard.set_timeout(ms)
+            self.log.info("guard", reason=f"guard timeout {why}")
 
     def _on_guard_change(self) -> None:
         """The guard said it fenced, or it is gone. Idempotent: called by the pipe's reader and after a stall."""
@@ -471,14 +487,13 @@ class Daemon:
             self.log.error("reload refused", reason=why)
             return {"ok": False, "error": why}
         self.config = new
-        if self.guard is not None:
-            self.guard.set_timeout(new.guard_timeout)
         if self.pinger is not None:
             self._resolve_ping_targets()
             self.pinger.unroutable.clear()  # addresses may have changed: the next echo requests say again (Reload)
         for w in new.warnings:
             self.log.warning("config", detail=w)
         self.feed(E.Reload(new))
+        self._retime_guard()  # a new guard_timeout, initdead or keepalive
         return {"ok": True, "detail": "configuration reloaded"}
 
 

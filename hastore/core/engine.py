@@ -333,6 +333,25 @@ class Engine:
         return any(t.links[link].state in (Liveness.UP, Liveness.WARN)
                    for t in self.membership.peers.values() if link in t.links)
 
+    def guard_timeout(self) -> tuple[int, str]:
+        """How long (ms) the guard lets the daemon be silent before it stops this node's resources, and why.
+
+        While the peer is alive, or not heard from yet since this daemon started: the configured guard_timeout, as
+        the peer declares this node dead deadtime after its last beat and starts the groups. Once the peer is dead
+        or has left, nobody can start them before it comes back and has waited initdead for a beat from this node
+        (see _place), so a silence shorter than initdead - keepalive is no reason to stop the services of a node
+        that nobody could take them from: a loaded machine (a busy host under a VM) stalls a daemon for most of a
+        second now and then. When the peer comes back, the first beat heard from it sets guard_timeout again."""
+        t, short = self.config.timing, self.config.guard_timeout
+        down = [p for p in self.config.peers if self.membership.state(p) is Liveness.DEAD]
+        if not down or len(down) < len(self.config.peers):
+            return short, (f"{short} ms (guard_timeout): the peer may take over deadtime after this node's last "
+                           f"beat")
+        who = " and ".join(down) + (" is" if len(down) == 1 else " are")
+        long = max(short, t.initdead_ms - t.keepalive_ms)
+        return long, (f"{long} ms (initdead - keepalive): {who} down, and after it comes back it waits initdead "
+                      f"({t.initdead_ms} ms) for this node's beats before it takes any group")
+
     def claims(self) -> list[str]:
         return sorted(n for n, g in self.groups.items() if g.state in CLAIMING)
 

@@ -206,3 +206,30 @@ def test_restart_in_place_adopts_the_running_resources_and_keeps_the_guard(pair)
     print(f"\nrestart in place: resources adopted {adopted * 1000:.0f} ms after `hastore restart`")
     pair.signal(pair.a, signal.SIGKILL)  # the inherited guard still fences
     wait_until(lambda: not flag(pair, pair.a).exists(), timeout=GUARD_TIMEOUT + 0.3)
+
+
+def test_with_the_peer_down_a_freeze_past_guard_timeout_fences_nothing_and_the_peer_s_return_ends_the_grace(pair):
+    """Nobody can start the group while the peer is down (back, it waits initdead for our beats): the guard then
+    allows initdead - keepalive (1.8 s here), so a loaded machine's stall does not stop a lone node's services.
+    The peer's first beat gives the guard guard_timeout again."""
+    pair.signal(pair.b, signal.SIGTERM)
+    assert pair.procs[pair.b].wait(5) == 0
+    s = wait_for(pair, pair.a, lambda s: s["guard"]["timeout_ms"] == 1800, timeout=5)
+    assert owner(s) == pair.a
+    pair.signal(pair.a, signal.SIGSTOP)
+    try:
+        time.sleep(GUARD_TIMEOUT + 0.5)  # past guard_timeout, well within 1.8 s
+    finally:
+        pair.signal(pair.a, signal.SIGCONT)
+    time.sleep(0.5)
+    assert pair.procs[pair.a].poll() is None, "the daemon exited after the freeze"
+    assert flag(pair, pair.a).exists(), "the guard stopped the lone node's resource"
+    assert owner(pair.status(pair.a)) == pair.a
+    reasons = [e.get("reason", "") for e in pair.events(pair.a)]
+    assert not [r for r in reasons if "self-fencing" in r], reasons
+    assert any(r.startswith("guard timeout 1800 ms (initdead - keepalive): ") for r in reasons), reasons
+    stalls = [r for r in reasons if r.startswith("the daemon did not run for ")]
+    assert stalls and "more than guard_timeout (800 ms); the guard allows 1800 ms while the peer is down" in stalls[-1]
+    pair.start(pair.b)
+    s = wait_for(pair, pair.a, lambda s: s["guard"]["timeout_ms"] == 800, timeout=15)
+    assert s["peers"][pair.b]["alive"] and owner(s) == pair.a

@@ -334,3 +334,30 @@ def test_only_news_is_flagged_as_news():
     sent = [a for a in alpha.handle(E.Tick(), now + 0.2).actions if isinstance(a, A.Send)]
     assert sent and all(s.data[FLAGS_OFFSET] & FLAG_NEWS for s in sent)
     assert all(f[FLAGS_OFFSET] & FLAG_NEWS for f in alpha.farewell())
+
+
+def test_the_guard_gets_more_time_only_while_the_peer_is_down():
+    """guard_timeout while the peer may take over (alive, or not heard from yet); initdead - keepalive once it is
+    dead or has left: it waits initdead for our beats when it comes back, and its first beat ends the long wait."""
+    c = cluster()
+    alpha = c.nodes["alpha"].engine
+    assert alpha.guard_timeout()[0] == 800  # initdead: the peer may be up and about to hear us
+    c.advance(1.0)
+    ms, why = alpha.guard_timeout()
+    assert ms == 800 and why.startswith("800 ms (guard_timeout)")
+    c.nodes["bravo"].running_daemon = False  # bravo crashes: alpha declares it dead after deadtime
+    c.advance(0.7)
+    assert alpha.guard_timeout()[0] == 800
+    c.advance(0.7)
+    ms, why = alpha.guard_timeout()
+    assert ms == 1800, why
+    assert why == ("1800 ms (initdead - keepalive): bravo is down, and after it comes back it waits initdead "
+                   "(2000 ms) for this node's beats before it takes any group")
+    c.restart("bravo", make_config("bravo"), generation=2, floors=None)
+    c.advance(0.3)
+    assert alpha.guard_timeout()[0] == 800
+    # a clean leave counts as down too
+    c.deliver(E.Shutdown(), "bravo")
+    c.advance(1.0)
+    assert c.first("alpha", "peer-left") is not None
+    assert alpha.guard_timeout()[0] == 1800
