@@ -79,6 +79,7 @@ class Daemon:
         self.fenced = False  # the guard fenced this node: nothing more is decided, we exit once it is done
         self.farewell_key: tuple | None = None  # what the guard's farewell datagrams were made for
         self.stall_ms = 0
+        self.guard_timeout_s = config.guard_timeout / 1000  # as configured; the guard may allow more (_retime_guard)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -358,11 +359,11 @@ class Daemon:
         fenced meanwhile: ask it, and wait for the answer, before deciding anything on a belief that may be stale."""
         if self.guard is None or self.fenced:
             return not self.fenced
-        gap, configured = self.guard.silence(now), self.config.guard_timeout / 1000
+        gap = self.guard.silence(now)
         if gap <= self.guard.timeout_s or self.guard.gone:
-            if gap >= min(configured, self.guard.timeout_s) / 8:  # the same cadence whatever the guard allows
+            if gap >= self.guard_timeout_s / 8:  # guard_timeout's cadence, whatever the guard allows now
                 self.guard.pet()
-            if gap > configured and not self.guard.gone:
+            if gap > self.guard_timeout_s and not self.guard.gone:
                 self.log.warning("stalled", reason=f"the daemon did not run for {int(gap * 1000)} ms, more than "
                                                    f"guard_timeout ({self.config.guard_timeout} ms); the guard "
                                                    f"allows {self.guard.timeout_ms} ms while the peer is down: "
@@ -487,6 +488,7 @@ class Daemon:
             self.log.error("reload refused", reason=why)
             return {"ok": False, "error": why}
         self.config = new
+        self.guard_timeout_s = new.guard_timeout / 1000
         if self.pinger is not None:
             self._resolve_ping_targets()
             self.pinger.unroutable.clear()  # addresses may have changed: the next echo requests say again (Reload)
