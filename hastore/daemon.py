@@ -79,7 +79,6 @@ class Daemon:
         self.fenced = False  # the guard fenced this node: nothing more is decided, we exit once it is done
         self.farewell_key: tuple | None = None  # what the guard's farewell datagrams were made for
         self.stall_ms = 0
-        self.guard_timeout_s = config.guard_timeout / 1000  # as configured; the guard may allow more (_retime_guard)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -359,11 +358,11 @@ class Daemon:
         fenced meanwhile: ask it, and wait for the answer, before deciding anything on a belief that may be stale."""
         if self.guard is None or self.fenced:
             return not self.fenced
-        gap = self.guard.silence(now)
+        gap, configured = self.guard.silence(now), self.config.guard_timeout / 1000
         if gap <= self.guard.timeout_s or self.guard.gone:
-            if gap >= self.guard_timeout_s / 8:  # guard_timeout's cadence, whatever the guard allows now
+            if gap >= configured / 8:  # guard_timeout's cadence, whatever the guard allows now (_retime_guard)
                 self.guard.pet()
-            if gap > self.guard_timeout_s and not self.guard.gone:
+            if gap > configured and not self.guard.gone:
                 self.log.warning("stalled", reason=f"the daemon did not run for {int(gap * 1000)} ms, more than "
                                                    f"guard_timeout ({self.config.guard_timeout} ms); the guard "
                                                    f"allows {self.guard.timeout_ms} ms while the peer is down: "
@@ -488,14 +487,12 @@ class Daemon:
             self.log.error("reload refused", reason=why)
             return {"ok": False, "error": why}
         self.config = new
-        self.guard_timeout_s = new.guard_timeout / 1000
         if self.pinger is not None:
             self._resolve_ping_targets()
             self.pinger.unroutable.clear()  # addresses may have changed: the next echo requests say again (Reload)
         for w in new.warnings:
             self.log.warning("config", detail=w)
-        self.feed(E.Reload(new))
-        self._retime_guard()  # a new guard_timeout, initdead or keepalive
+        self.feed(E.Reload(new))  # its decision always has a reason, so feed gives the guard its timeout anew
         return {"ok": True, "detail": "configuration reloaded"}
 
 
