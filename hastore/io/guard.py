@@ -6,15 +6,19 @@ the daemon's exit reaches it, joined by a socket pair. JSON lines, daemon -> gua
     {"m": "held", "resources": [{"name", "argv", "env", "timeout_s"}, ...]}   what may run here, in start order,
                                                                             with each one's stop command
     {"m": "agents", "pids": [[pid, start_ticks], ...]}  agent processes in flight (killed before the stops)
-    {"m": "pet"}                       with the daemon's events, every eighth of guard_timeout at most; the
-                                       engine's deadlines make an event come at least every keepalive
+    {"m": "pet"}                       only to a guard adopted from an image that had no pet page (below)
     {"m": "sync", "n": N}              after a stall: "did you fence?"; answered {"m": "ok", "n": N}
     {"m": "timeout", "ms": N}          a reload changed guard_timeout
     {"m": "farewell", "sends": [{"family", "interface", "dest", "data"}, ...]}
                                        signed LEAVE datagrams (hex) and where to send them (UDP links)
     {"m": "bye"}                       a clean exit, nothing held: the guard exits quietly
 
-Any message proves the daemon alive. EOF without bye (the daemon was killed) or no message for guard_timeout (the
+Pets go through a shared page instead (a memfd, --pet-fd): the daemon writes its CLOCK_MONOTONIC time there with
+its events, every eighth of guard_timeout at most (the engine's deadlines make an event come at least every
+keepalive). That costs the daemon no system call and does not wake the guard, which looks at the page only when
+guard_timeout has passed since the last pet it saw, and then sleeps again until guard_timeout after the newest.
+
+Any message or pet proves the daemon alive. EOF without bye (the daemon was killed) or no message for guard_timeout (the
 daemon is frozen) makes the guard fence: it first writes {"m": "fencing", "reason", "silent_ms"} back (so that a
 frozen daemon learns on waking that it must not carry on), kills the agents in flight, runs `stop` of every held
 resource in reverse order, logs each step on its stderr (the daemon's log), and, when every stop succeeded, sends
@@ -22,17 +26,19 @@ the farewell datagrams so that the peer takes over at once instead of after dead
 always read before the clock is looked at, so a pet already sent is never overlooked; the decision itself is
 `Watch`, pure.
 
-    python -m hastore.io.guard --fd N --daemon-pid PID --timeout-ms MS [--logfile PATH]
+    python -m hastore.io.guard --fd N --daemon-pid PID --timeout-ms MS [--pet-fd N] [--logfile PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -46,7 +52,8 @@ SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 STARTUP_S = 10.0  # how long the daemon waits for a new guard to answer
 RESTART_GRACE_MS = 5000  # guard_timeout while the daemon re-executes itself (`hastore restart`); the peer is
 #                          asked to wait this plus deadtime, so the guard has fenced before the peer would start
-HANDOVER_ENV = "HASTORE_GUARD"  # "FD:PID": the guard a re-executed daemon inherits
+HANDOVER_ENV = "HASTORE_GUARD"  # "FD:PID:PET_FD": the guard a re-executed daemon inherits (PET_FD may be missing)
+PET = struct.Struct("=d")  # the pet page: the daemon's time.monotonic() at its latest pet (0.0: none yet)
 
 
 class GuardError(RuntimeError):
@@ -112,6 +119,12 @@ class Watch:
             raise ValueError(f"unknown message {kind!r}")
         return None
 
+    def petted(self, at: float, now: float) -> None:
+        """The time the pet page holds (the daemon's clock is ours: CLOCK_MONOTONIC), read before `now`. Never
+        later than now, whatever was read: a pet page written while we read it is a daemon that is alive anyway."""
+        if at > self.last_heard:
+            self.last_heard = min(at, now)
+
     def deadline(self) -> float:
         return self.last_heard + self.timeout_s
 
@@ -138,13 +151,15 @@ class Watch:
 
 
 # -- the guard process ------------------------------------------------------------------------------------------
-def serve(sock: socket.socket, watch: Watch, log, clock=time.monotonic) -> Verdict:
-    """Read the daemon's messages until a verdict; answers syncs on the way."""
+def serve(sock: socket.socket, watch: Watch, log, clock=time.monotonic, pets=None) -> Verdict:
+    """Read the daemon's messages (and its pet page, if any) until a verdict; answers syncs on the way."""
     buf = b""
     while True:
         select.select([sock], [], [], max(0.0, watch.deadline() - clock()))
         data, eof = _drain(sock)
+        petted = PET.unpack_from(pets)[0] if pets is not None else 0.0
         now = clock()
+        watch.petted(petted, now)
         buf += data
         *lines, buf = buf.split(b"\n")
         for line in lines:
@@ -233,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fd", type=int, required=True)
     p.add_argument("--daemon-pid", type=int, required=True)
     p.add_argument("--timeout-ms", type=int, required=True)
+    p.add_argument("--pet-fd", type=int)
     p.add_argument("--logfile")
     args = p.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -243,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     sock.set_inheritable(False)  # no stop command may keep the pipe open
     sock.setblocking(False)
-    verdict = serve(sock, Watch(args.daemon_pid, args.timeout_ms / 1000, time.monotonic()), log)
+    pets = None
+    if args.pet_fd is not None:
+        pets = mmap.mmap(args.pet_fd, PET.size, prot=mmap.PROT_READ)
+        os.close(args.pet_fd)  # the mapping stays
+    verdict = serve(sock, Watch(args.daemon_pid, args.timeout_ms / 1000, time.monotonic()), log, pets=pets)
     if verdict.kind == "bye":
         return 0
     return fence(verdict, sock, log)
@@ -291,6 +311,8 @@ class GuardClient:
         self.sync_n = 0
         self.answered = False
         self.buf = b""
+        self.pet_fd: int | None = None  # the pet page (a memfd the guard maps too), and our mapping of it
+        self.pets: mmap.mmap | None = None
 
     @property
     def timeout_s(self) -> float:
@@ -299,17 +321,22 @@ class GuardClient:
     def start(self) -> None:
         """Start a guard (again, after one was lost: it gets what is held at once) and wait until it answers."""
         ours, theirs = socket.socketpair()
+        self._unmap_pets()  # a lost guard's
+        pet_fd = os.memfd_create("hastore-guard-pets")  # close-on-exec but for the guard (pass_fds)
+        os.ftruncate(pet_fd, PET.size)
         argv = [sys.executable, "-m", "hastore.io.guard", "--fd", str(theirs.fileno()), "--daemon-pid",
-                str(os.getpid()), "--timeout-ms", str(self.timeout_ms)]
+                str(os.getpid()), "--timeout-ms", str(self.timeout_ms), "--pet-fd", str(pet_fd)]
         try:
             self.proc = subprocess.Popen(argv + (["--logfile", self.logfile] if self.logfile else []),
-                                         stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                                         stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(), pet_fd),
                                          start_new_session=True, env=with_repo_on_path(dict(os.environ)))
         except OSError as e:
             ours.close()
+            os.close(pet_fd)
             raise GuardError(f"cannot start the guard ({sys.executable}): {e.strerror}") from None
         finally:
             theirs.close()
+        self._map_pets(pet_fd)
         ours.setblocking(False)
         self.sock, self.buf, self.fencing, self.gone = ours, b"", None, False
         self.started_at = time.monotonic()
@@ -323,10 +350,16 @@ class GuardClient:
 
     def adopt(self, handover: str) -> None:
         """After a re-exec (`hastore restart`): take over the guard the previous image ran, whose socket we
-        inherited, and give it back the configured guard_timeout."""
+        inherited, and give it back the configured guard_timeout. A handover without a pet page (from an image
+        before pet pages) leaves a guard that only reads its socket: pets go there."""
         try:
-            fd, pid = (int(x) for x in handover.split(":"))
+            fd, pid, *pet_fd = (int(x) for x in handover.split(":"))
+            if len(pet_fd) > 1:
+                raise ValueError("more than three fields")
             sock = socket.socket(fileno=fd)
+            if pet_fd:
+                os.set_inheritable(pet_fd[0], False)
+                self._map_pets(pet_fd[0])
         except (ValueError, OSError) as e:
             raise GuardError(f"cannot take over the guard of the previous daemon ({handover!r}): {e}") from None
         sock.set_inheritable(False)
@@ -347,10 +380,18 @@ class GuardClient:
         self._send({"m": "timeout", "ms": RESTART_GRACE_MS})
         self.loop.remove_reader(self.sock)
         self.sock.set_inheritable(True)
-        return f"{self.sock.fileno()}:{self.proc.pid}"
+        if self.pet_fd is None:
+            return f"{self.sock.fileno()}:{self.proc.pid}"
+        os.set_inheritable(self.pet_fd, True)
+        return f"{self.sock.fileno()}:{self.proc.pid}:{self.pet_fd}"
 
     def pet(self) -> None:
-        self._send({"m": "pet"})
+        """Our clock's time on the pet page: no system call, and the guard sleeps on (see the module's docstring)."""
+        if self.pets is None:
+            self._send({"m": "pet"})
+        elif self.sock is not None and not self.gone:
+            self.last_sent = time.monotonic()
+            PET.pack_into(self.pets, 0, self.last_sent)
 
     def set_farewell(self, sends: list[dict]) -> None:
         self._send({"m": "farewell", "sends": sends})
@@ -398,6 +439,7 @@ class GuardClient:
             self.loop.remove_reader(self.sock)
         self.sock.close()
         self.sock = None
+        self._unmap_pets()
         if bye or self.gone:
             self._reap(2.0)
 
@@ -443,6 +485,15 @@ class GuardClient:
             self.gone = True
             self.loop.remove_reader(self.sock)
             self._reap(5.0)  # it closed the pipe by exiting: collect its status
+
+    def _map_pets(self, fd: int) -> None:
+        self.pet_fd, self.pets = fd, mmap.mmap(fd, PET.size)
+
+    def _unmap_pets(self) -> None:
+        if self.pets is not None:
+            self.pets.close()
+            os.close(self.pet_fd)
+        self.pet_fd = self.pets = None
 
     def _reap(self, wait_s: float) -> None:
         try:

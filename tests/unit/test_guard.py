@@ -38,6 +38,18 @@ def test_pets_keep_it_watching_and_silence_past_the_timeout_fences_in_reverse_or
     assert v.stops[0] == Stop("g/b", ("true",), {}, 7.0)
 
 
+def test_a_pet_on_the_page_counts_from_when_it_was_written_and_never_from_later_than_now():
+    w = Watch(42, 0.8, now=0.0)
+    w.receive({"m": "held", "resources": [A]}, 0.1)
+    w.petted(0.7, now=0.9)  # the guard looked at 0.9 (its deadline): the daemon had petted at 0.7
+    assert w.deadline() == pytest.approx(1.5) and w.decide(1.5, eof=False) is None
+    w.petted(0.2, now=1.6)  # an older time than the last one seen changes nothing
+    assert w.decide(1.51, eof=False).kind == "fence"
+    w = Watch(42, 0.8, now=0.0)
+    w.petted(99.0, now=1.0)  # read while being written (torn): at most a pet now, never one in the future
+    assert w.deadline() == pytest.approx(1.8)
+
+
 def test_eof_without_bye_fences_at_once():
     w = Watch(42, 0.8, now=0.0)
     w.receive({"m": "held", "resources": [A]}, 0.0)
@@ -148,6 +160,61 @@ def test_a_frozen_daemon_is_fenced_and_learns_it_on_waking(tmp_path):
     client, log = drive(tmp_path, steps)
     assert (tmp_path / "stopped").exists() and client.proc.returncode == 0
     assert "all 1 held resource(s) stopped" in log
+
+
+def wakeups(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no voluntary_ctxt_switches for pid {pid}")
+
+
+def test_pets_on_the_page_keep_the_guard_watching_without_waking_it(tmp_path):
+    async def steps(g):
+        g.hold([stop_entry(tmp_path, "g/a", 'touch "$OUT/stopped"')])
+        assert g.confirm(1.0) is True
+        before = wakeups(g.proc.pid)
+        for _ in range(40):  # 2 s of pets every 50 ms, four times guard_timeout
+            await asyncio.sleep(0.05)
+            g.pet()
+        woke = wakeups(g.proc.pid) - before
+        assert g.confirm(1.0) is True and not (tmp_path / "stopped").exists()
+        # it looks at the page only when a timeout passed since the newest pet it saw: about every 0.45 s
+        assert woke <= 12, f"the guard woke {woke} times for 40 pets"
+    drive(tmp_path, steps)
+
+
+@pytest.mark.parametrize("with_page", [True, False], ids=["pet page", "handover without a page"])
+def test_a_re_executed_daemon_adopts_the_guard_and_pets_it(tmp_path, with_page):
+    """hastore restart: the new image adopts the guard from HANDOVER_ENV; from an image that had no pet page
+    (FD:PID) its pets go over the socket."""
+    log = tmp_path / "guard.log"
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        old = GuardClient(500, str(log), lambda: None, loop)
+        old.start()
+        old.hold([stop_entry(tmp_path, "g/a", 'touch "$OUT/stopped"')])
+        handover = old.hand_over()
+        assert len(handover.split(":")) == 3
+        if not with_page:
+            handover = ":".join(handover.split(":")[:2])
+        new = GuardClient(500, str(log), lambda: None, loop)
+        new.adopt(handover)
+        try:
+            assert (new.pets is not None) is with_page
+            for _ in range(30):  # 1.5 s: three times guard_timeout
+                await asyncio.sleep(0.05)
+                new.pet()
+            assert new.confirm(1.0) is True and not (tmp_path / "stopped").exists()
+            new.hold([])
+            new.close(bye=True)
+            assert new.proc.poll() == 0
+        finally:
+            if new.proc.poll() is None:
+                os.kill(new.proc.pid, signal.SIGKILL)
+    asyncio.run(main())
+    assert not (tmp_path / "stopped").exists()
 
 
 def test_bye_ends_the_guard_without_fencing(tmp_path):
