@@ -29,7 +29,7 @@ from hastore.io.control import ControlError, ControlServer
 from hastore.io.guard import HANDOVER_ENV, RESTART_GRACE_MS, GuardClient, GuardError
 from hastore.io.pinger import Pinger
 from hastore.io.state import StateError, StateStore
-from hastore.io.transports import (SerialTransport, Transport, TransportError, UdpTransport, claim_port,
+from hastore.io.transports import (SerialTransport, Transport, TransportError, UdpTransport, arrival, claim_port,
                                    make_transport, turn_away)
 
 # Changing these needs a restart: sockets, identities and the control socket are set up once.
@@ -63,12 +63,15 @@ class Daemon:
         self.drain_order: list[Transport] = []
         self.port_claims: list[socket.socket] = []  # held for the daemon's life: see claim_port
         self.batch = False  # inside the beat timer's drains (see _on_timer)
+        self.ticks = 0  # timer ticks since the links were last read on one (see _on_timer)
+        self.pings_read = 0.0  # loop time of the last collection of echo replies
         self.pinger: Pinger | None = None
         self.ping_targets: dict[str, str] = {}  # configured name or address -> address pinged
         self.ping_names: dict[str, list[str]] = {}  # address -> configured names
         self.control: ControlServer | None = None
         self.runner = AgentRunner(config.groups, _resource_d(config), self._agent_done, self.log)
         self.timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the running loop, from run() on
         self.finished: asyncio.Future | None = None
         self.state = StateStore(config.state_dir)
         self.guard: GuardClient | None = None
@@ -82,7 +85,7 @@ class Daemon:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         self.finished = loop.create_future()
         self.state.lock()
         generation = self.state.next_generation()
@@ -186,7 +189,7 @@ class Daemon:
             return
         if not self.batch and not drained:
             self._drain_all()  # decide on every beat that has come, not only on those the last tick read
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if not self._guard_ok(loop.time()):
             return
         decision = self.engine.handle(event, loop.time())
@@ -224,25 +227,38 @@ class Daemon:
         self.timer = loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
+        """The engine's timer: most often our beat. What the quiet links and the ICMP socket hold (routine beats,
+        echo replies, all with the kernel's receive time) is read first only when the engine needs it to decide
+        (Engine.needs_input): while all is well, on about one tick in three."""
         self.timer = None  # fired: whatever comes next must arm a new one
+        self.ticks += 1
         try:
-            self._drain_all(tick=True)
+            if self.engine.needs_input(self.loop.time()):
+                self._drain_all(ticks=self.ticks)
+                self.ticks = 0
+                self._read_pings()
             self._quiet_serial()
-            if self.pinger is not None:
-                with self._batched():
-                    for address in self.pinger.drain():
-                        for name in self.ping_names.get(address, ()):
-                            self.feed(E.PingReply(name))
         finally:
             self.feed(E.Tick(), drained=True)  # whatever went wrong above, the next beat and timer must come
 
-    def _drain_all(self, tick: bool = False) -> None:
+    def _read_pings(self) -> None:
+        if self.pinger is None:
+            return
+        now = self.loop.time()
+        since, self.pings_read = self.pings_read, now
+        with self._batched():
+            for address, stamp in self.pinger.drain():
+                at = arrival(stamp, now, since)
+                for name in self.ping_names.get(address, ()):
+                    self.feed(E.PingReply(name, at))
+
+    def _drain_all(self, ticks: int = 0) -> None:
         """Feed what every link holds, UDP first (see drain_order). What these packets decide re-arms nothing
         (batch): the caller re-arms once."""
         with self._batched():
             for t in self.drain_order:
                 try:
-                    t.drain(tick)
+                    t.drain(ticks)
                 except Exception as e:  # noqa: BLE001 - one link's trouble must not stop the beat
                     self.log.error("link-trouble", link=t.link.id, detail=f"reading failed: {e!r}")
 
@@ -260,7 +276,7 @@ class Daemon:
         if self.finished is None or self.finished.done():
             return
         self._drain_all()
-        self._rearm(asyncio.get_running_loop())
+        self._rearm(self.loop)
 
     def _execute(self, a: A.Action) -> None:
         if isinstance(a, A.Send):
@@ -432,6 +448,7 @@ class Daemon:
         cmd = request.get("cmd")
         loop = asyncio.get_running_loop()
         if cmd == "status":
+            self._on_wake()  # what the quiet links hold (see _on_timer): the ages shown are the last beats'
             status = self.engine.status(loop.time())
             status["links"] = {lid: dict(t.stats) for lid, t in self.transports.items()}
             status["guard"] = self.guard.status() if self.guard is not None else None

@@ -40,7 +40,7 @@ class PingView:
         """Record an echo reply. Returns False for an address we never asked about."""
         if address not in self.addresses():
             return False
-        self.last_reply[address] = now
+        self.last_reply[address] = max(now, self.last_reply.get(address, now))  # replies read late come in any order
         return True
 
     def visible(self, address: str, now: float) -> bool:

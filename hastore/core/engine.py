@@ -35,6 +35,7 @@ class GroupState(enum.Enum):
 
 FAREWELL_SEQ = 1 << 63  # the guard's LEAVE (see farewell): above any sequence number the daemon itself reaches
 MAX_RESTART_GRACE_MS = 60_000  # a peer's restart grace beyond this is ignored (it stays dead after deadtime)
+ARRIVALS_KEPT = 16  # per peer: the arrival times of its newest messages with a kernel time (see _arrival)
 CLAIMING = {GroupState.STARTING, GroupState.STARTED, GroupState.STOPPING, GroupState.STOP_FAILED}
 
 
@@ -95,7 +96,7 @@ class Engine:
         self.leaving = False
         self.exit_at: float | None = None
         self.unechoed = 0
-        self.first_heard: dict[str, tuple[int, int, float]] = {}  # per peer: generation, seq, arrival of its newest
+        self.first_heard: dict[str, dict[tuple[int, int], float]] = {}  # per peer: (generation, seq) -> arrival
         self.last_beat_body: dict | None = None  # what our previous beat said (a beat saying the same is no news)
         self.reported: set[tuple[str, str]] = set()  # one-shot notices, cleared when the condition ends
         # What this node knows it cannot use, and since when: links whose sends fail for a local reason, ping
@@ -126,7 +127,7 @@ class Engine:
                 return A.Decision()
         elif isinstance(event, E.PingReply):
             still = self.pings.visible(event.address, now)
-            self.pings.reply(event.address, now)
+            self.pings.reply(event.address, now if event.at is None else min(event.at, now))
             if still and self.probed:
                 return A.Decision()  # a ping node that was visible stays visible: the count did not change
         elif isinstance(event, (E.LinkState, E.PingRoute)):
@@ -162,6 +163,28 @@ class Engine:
         if self.exit_at is not None and now >= self.exit_at:
             out.append(A.Exit(0))
         return A.Decision(tuple(out), "; ".join(w for w in why if w))
+
+    def needs_input(self, now: float) -> bool:
+        """Whether the shell must hand over what it holds unread (routine beats and serial frames, echo replies:
+        it reads those on the beat timer) before the engine decides at `now`. False only while all is well: every
+        link of every peer up and not silent for warntime yet, no link death before the next tick, every ping
+        node visible, not expiring before the next tick, and the ping count settled. The shell then sends the beat
+        without reading: what is held is all routine (news wakes it at once), it carries the kernel's receive
+        time, and it is read at the latest on the first tick after warntime, before anything could turn on it."""
+        soon = now + self.config.timing.keepalive_ms / 1000 + EPS
+        calm = self.membership.calm_until()
+        if calm is None or calm <= now + EPS:
+            return True
+        dies = self.membership.next_deadline()
+        if dies is not None and dies < soon:
+            return True
+        if self.pings.configured:
+            if not self._pings_settled(now) or self.pings.count(now) < self.pings.configured:
+                return True
+            expires = self.pings.next_expiry(now)
+            if expires is not None and expires < soon:
+                return True
+        return False
 
     def next_deadline(self) -> float:
         times = [self.next_beat]
@@ -223,9 +246,13 @@ class Engine:
         arrival = now if ev.at is None else min(ev.at, now)
         if verdict is Verdict.OK:
             if not ev.late:
-                self.first_heard[msg.src] = (msg.generation, msg.seq, arrival)
-        elif ev.late and self.first_heard.get(msg.src, (None, None, None))[:2] == (msg.generation, msg.seq):
-            arrival = self.first_heard[msg.src][2]  # its own copy; an older frame keeps "now" (later: safe)
+                heard = self.first_heard.setdefault(msg.src, {})
+                heard[(msg.generation, msg.seq)] = arrival
+                if len(heard) > ARRIVALS_KEPT:
+                    del heard[next(iter(heard))]  # the oldest
+        elif ev.late:
+            # its own copy's (a frame whose copy was not kept keeps "now": later than the truth, which is safe)
+            arrival = self.first_heard.get(msg.src, {}).get((msg.generation, msg.seq), arrival)
         return arrival
 
     def _dispatch(self, msg: Message, info: PeerInfo, now: float, out: list, why: list) -> bool:

@@ -44,6 +44,7 @@ class LinkState:
 @dataclass(frozen=True)
 class PingReply:
     address: str
+    at: float | None = None  # when the reply arrived (the kernel's receive time), if known; else when it was read
 
 
 @dataclass(frozen=True)

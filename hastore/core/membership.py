@@ -1,7 +1,7 @@
 """Peer and link liveness: up / warn / dead from the time of the last verified beat on each link.
 
 Pure: times are monotonic seconds passed in by the caller. A link is up while beats arrive on it, warns
-after warntime of silence and is dead after deadtime. A link never heard from is `init` until initdead has
+after warntime of silence (seen at the first tick after it: see next_deadline) and is dead after deadtime. A link never heard from is `init` until initdead has
 passed since start, then dead. The peer is alive while any link is up or warning; dead only when every
 link is dead (or it announced that it is leaving).
 """
@@ -124,7 +124,10 @@ class Membership:
         return self.peers[peer].state in (Liveness.UP, Liveness.WARN)
 
     def next_deadline(self) -> float | None:
-        """The earliest time at which some state would change if nothing more is heard."""
+        """The earliest time at which a link dies (or initdead ends) if nothing more is heard. Warntime is no
+        deadline of its own: a warning decides nothing, and the engine ticks at least every keepalive (its beat),
+        so a quiet link turns `warn` at the first tick after warntime. That spares the daemon a wakeup of its own
+        and lets it leave routine beats unread on most ticks (see calm_until)."""
         t = self.timing
         deadlines = []
         for track in self.peers.values():
@@ -132,10 +135,21 @@ class Membership:
                 if lt.state is Liveness.INIT:
                     deadlines.append(self.started + t.initdead_ms / 1000)
                 elif lt.state is Liveness.UP and lt.last_heard is not None:
-                    deadlines.append(lt.last_heard + t.warntime_ms / 1000)
+                    deadlines.append(lt.last_heard + t.deadtime_ms / 1000)
                 elif lt.state is Liveness.WARN and lt.last_heard is not None:
                     deadlines.append(max(lt.last_heard + t.deadtime_ms / 1000, track.grace_until or 0.0))
         return min(deadlines) if deadlines else None
+
+    def calm_until(self) -> float | None:
+        """Until when nothing heard could change a state: the first time an up link turns `warn` if nothing
+        more is heard. None when some link is not up (there, what arrives matters at once)."""
+        until = float("inf")
+        for track in self.peers.values():
+            for lt in track.links.values():
+                if lt.state is not Liveness.UP or lt.last_heard is None:
+                    return None
+                until = min(until, lt.last_heard + self.timing.warntime_ms / 1000)
+        return until
 
     # -- internals ----------------------------------------------------------------------------
     def _link_state(self, lt: LinkTrack, now: float, grace_until: float | None = None) -> tuple[Liveness, str]:

@@ -20,7 +20,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable
 
-from hastore.io.transports import LOCAL_DOWN
+from hastore.io.transports import _TIMESPEC, LOCAL_DOWN, SO_TIMESTAMPNS, _stamp
 
 ECHO_REQUEST = {socket.AF_INET: 8, socket.AF_INET6: 128}
 ECHO_REPLY = {socket.AF_INET: 0, socket.AF_INET6: 129}
@@ -42,6 +42,9 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
+_STAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
 class _Prober:
     """One socket of one address family."""
 
@@ -49,6 +52,10 @@ class _Prober:
         self.family = family
         self.sock, self.kind = self._socket(family, prefer_dgram)
         self.sock.setblocking(False)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)  # replies read late count from their arrival
+        except OSError:
+            pass  # then from their reading: later than the truth
         if self.kind == "raw":
             self._filter_echo_replies()
         if self.kind == "dgram":
@@ -102,16 +109,17 @@ class _Prober:
             return exc.errno or -1
         return 0
 
-    def replies(self) -> list[str]:
-        out: list[str] = []
+    def replies(self) -> list[tuple[str, float | None]]:
+        """(address as given, the kernel's receive time or None) of each matching reply waiting."""
+        out: list[tuple[str, float | None]] = []
         for _ in range(64):
             try:
-                data, addr = self.sock.recvfrom(2048)
+                data, ancillary, _flags, addr = self.sock.recvmsg(2048, _STAMP_SPACE)
             except OSError:  # nothing left (or a queued error): stop for now
                 break
             got = self._match(data, addr[0])
             if got is not None:
-                out.append(got)
+                out.append((got, _stamp(ancillary)))
         return out
 
     def _match(self, data: bytes, source: str) -> str | None:
@@ -186,9 +194,10 @@ class Pinger:
         if not self._probers:
             raise OSError("cannot open any ICMP socket: " + "; ".join(self.errors))
 
-    def drain(self) -> list[str]:
-        """Every matching reply received since the last call (non-blocking)."""
-        out: list[str] = []
+    def drain(self) -> list[tuple[str, float | None]]:
+        """Every matching reply received since the last call (non-blocking), with the kernel's receive time
+        (CLOCK_REALTIME; None if the kernel gave none)."""
+        out: list[tuple[str, float | None]] = []
         for prober in self._probers.values():
             out += prober.replies()
         return out
@@ -215,7 +224,7 @@ class Pinger:
                 self.on_route(address, not unroutable)
 
     def _readable(self, prober: _Prober) -> None:
-        for address in prober.replies():
+        for address, _ in prober.replies():
             if self._on_reply is not None:
                 self._on_reply(address)
 

@@ -95,9 +95,9 @@ class Transport:
         when that needs this transport itself."""
         return None
 
-    def drain(self, tick: bool = False) -> None:
-        """Deliver whatever waits to be read (quiet mode: the daemon calls this on its beat timer, tick=True, and
-        before any other decision)."""
+    def drain(self, ticks: int = 0) -> None:
+        """Deliver whatever waits to be read (quiet mode: the daemon calls this before any decision but a beat tick's,
+        and on a beat tick when the engine needs what arrived, saying how many ticks passed since such a drain)."""
 
     def _deliver(self, data: bytes, at: float | None = None, late: bool = False) -> None:
         self.stats["received"] += 1
@@ -195,6 +195,13 @@ def _stamp(ancillary: list) -> float | None:
             sec, nsec = _TIMESPEC.unpack_from(data)
             return sec + nsec / 1e9
     return None
+
+
+def arrival(stamp: float | None, now: float, since: float) -> float | None:
+    """The loop-clock time of a kernel receive stamp (CLOCK_REALTIME; None: not known) of something read at `now`
+    from a socket last emptied at `since`: between the two, whatever the real-time clock did meanwhile (a step
+    would move every stamp)."""
+    return None if stamp is None else min(now, max(since, stamp - (time.time() - now)))
 
 
 class UdpTransport(Transport):
@@ -365,11 +372,12 @@ class UdpTransport(Transport):
             return None
         return {"family": int(self._family), "interface": self.link.interface, "dest": list(dest)}
 
-    def drain(self, tick: bool = False) -> None:
+    def drain(self, ticks: int = 0) -> None:
         """Deliver what both sockets hold, in the order the kernel received it (so that the verifier's replay
         marks see a news message and the routine beats around it in sequence). A flood at the port (junk needs
         no key to get here) must not leave beats unread in the quiet socket, or make the kernel drop them: past
-        FLOOD_PER_TICK routine datagrams between two beat ticks, the quiet socket is watched like the other."""
+        FLOOD_PER_TICK routine datagrams per beat tick since the last drain on one, the quiet socket is watched
+        like the other."""
         if self._sock is None:
             return
         if self._news is None:
@@ -379,19 +387,16 @@ class UdpTransport(Transport):
         routine = self._read(self._sock, stamped=True)
         got = routine + self._read(self._news, stamped=True)
         self._since_tick += len(routine)
-        if tick:
-            self._watch_quiet(self._since_tick > FLOOD_PER_TICK)
+        if ticks:
+            self._watch_quiet(self._since_tick > FLOOD_PER_TICK * ticks)
             self._since_tick = 0
         now = self._loop.time()
         emptied, self._emptied_at = self._emptied_at, now
         if not got:
             return
         got.sort(key=lambda d: (d[1] is None, d[1] or 0.0))
-        offset = time.time() - now  # CLOCK_REALTIME - the loop's clock, for the kernel's stamps
         for data, stamp in got:
-            # It came after the last time these sockets were emptied and before now, whatever the real-time
-            # clock did meanwhile (a step would move every stamp).
-            self._deliver(data, None if stamp is None else min(now, max(emptied, stamp - offset)))
+            self._deliver(data, arrival(stamp, now, emptied))
 
     def _watch_quiet(self, on: bool) -> None:
         if on == self._flooded or self._sock is None:
@@ -518,7 +523,7 @@ class SerialTransport(Transport):
             else:
                 self._loop.add_reader(self._fd, self._readable)  # level-triggered: what waits is read at once
 
-    def drain(self, tick: bool = False) -> None:
+    def drain(self, ticks: int = 0) -> None:
         if not self.quiet or self._fd is None:
             return
         poller = select.poll()

@@ -143,7 +143,7 @@ def run_second_daemon(pair, *extra: str, state_dir: str | None = None):
 
 
 def test_a_second_daemon_on_the_same_state_directory_stops_before_touching_anything(pair):
-    before = pair.status("alpha")
+    before = pair.wait_for("alpha", lambda s: group_owner(s) is not None)  # placed: a change now is the intruder's
     r = run_second_daemon(pair)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"another hastore daemon (pid {pair.procs['alpha'].pid}) runs with state directory" in r.stdout + r.stderr

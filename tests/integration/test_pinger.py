@@ -175,6 +175,42 @@ def test_replies_to_another_pinger_are_not_ours(nets):
     run(body())
 
 
+@pytest.mark.parametrize("ping_sockets", [False, True], ids=["raw", "dgram"])
+def test_replies_collected_late_carry_the_kernels_receive_time(nets, ping_sockets):
+    """The daemon collects echo replies on its beat timer, sometimes ticks after they came: each comes with the
+    kernel's receive time (real-time clock), so that a ping node counts from its reply, not from the reading."""
+    if ping_sockets:
+        sh("ip", "netns", "exec", nets["a"], "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647")
+
+    async def body():
+        p = Pinger()
+        with netns(nets["a"]):
+            await p.open()  # no callback: replies wait for drain()
+        try:
+            seen: set[str] = set()
+            deadline = time.monotonic() + 5
+            while seen != {B4, B6} and time.monotonic() < deadline:  # neighbour discovery first
+                p.ping(B4)
+                p.ping(B6)
+                await asyncio.sleep(0.1)
+                seen |= {a for a, _ in p.drain()}
+            await asyncio.sleep(0.2)
+            p.drain()  # late answers to those
+            sent = time.time()
+            p.ping(B4)
+            p.ping(B6)
+            await asyncio.sleep(0.3)  # read a beat tick later
+            got, read = p.drain(), time.time()
+            assert {a for a, _ in got} == {B4, B6}, got
+            for address, stamp in got:
+                assert stamp is not None and sent <= stamp <= read - 0.25, (address, sent, stamp, read)
+            assert p.modes["ipv4"] == ("dgram" if ping_sockets else "raw")
+        finally:
+            p.close()
+
+    run(body())
+
+
 def test_close_is_idempotent_and_ping_after_close_is_silent():
     async def body():
         p, replies = await open_pinger(None)

@@ -4,6 +4,8 @@ from hastore.config.model import Timing
 from hastore.core import actions as A
 from hastore.core import events as E
 
+from hastore.core.engine import Engine
+
 from fakecluster import LINKS, FakeCluster, make_config
 
 T = Timing(keepalive_ms=200, warntime_ms=500, deadtime_ms=1000, initdead_ms=2000)
@@ -57,9 +59,11 @@ def test_losing_every_link_declares_the_peer_dead_after_deadtime_and_not_before(
     assert dead_at - last_beat >= 1.0 - 1e-9  # not before deadtime since the last beat
     assert dead_at - last_beat < 1.0 + 0.001  # and on time: the engine armed a timer at the deadline
     assert dead_at >= t_cut
-    # warntime warned first
+    # warntime warned first, at the first tick (bravo's beat, every keepalive) after it: no wakeup of its own
     warn_at = c.first("bravo", "peer-warn")
-    assert warn_at is not None and abs((warn_at - last_beat) - 0.5) < 0.001
+    assert warn_at is not None and 0.5 - 1e-9 <= warn_at - last_beat < 0.5 + 0.2 + 0.001
+    assert any(abs(warn_at - t) < 1e-9 for t, d in c.nodes["bravo"].log
+               if any(isinstance(a, A.Send) for a in d.actions))
     # bravo took the group: the partition makes both hold it (both think the other dead) -- no ping nodes here
     assert "bravo" in c.holders("web")
     reasons = c.reasons("bravo")
@@ -361,3 +365,61 @@ def test_the_guard_gets_more_time_only_while_the_peer_is_down():
     c.advance(1.0)
     assert c.first("alpha", "peer-left") is not None
     assert alpha.guard_timeout()[0] == 1800
+
+
+def test_while_all_is_well_the_engine_needs_what_arrived_only_once_a_link_could_turn_warn():
+    """needs_input: the daemon leaves routine beats unread on a beat tick while the engine says it can decide
+    without them, and reads them on the first tick after warntime at the latest."""
+    alpha, bravo, now = _pair_after(2.0)
+    last = max(lt.last_heard for lt in alpha.membership.peers["bravo"].links.values())
+    assert not alpha.needs_input(last + 0.2) and not alpha.needs_input(last + 0.499)
+    assert alpha.needs_input(last + 0.5)  # a link would turn warn now: read first
+    alpha.handle(E.Tick(), last + 0.5)
+    assert alpha.membership.peers["bravo"].state.value == "warn"  # nothing was fed: warn at this tick
+    assert alpha.needs_input(last + 0.5)  # and while a link is not up, every tick reads
+    fresh = Engine(make_config("alpha", groups=()), 1, 0.0)
+    assert fresh.needs_input(0.0)  # no link is up yet
+
+
+def test_a_ping_node_that_is_not_seen_or_expires_before_the_next_tick_needs_what_arrived():
+    ping = "10.0.0.254"
+    alpha = Engine(make_config("alpha", groups=(), ping=(ping,)), 1, 0.0)
+    bravo = Engine(make_config("bravo", groups=(), ping=(ping,)), 2, 0.0)
+    now = 0.0
+    while now < 2.0:
+        for src, dst in ((alpha, bravo), (bravo, alpha)):
+            for s in _beats(src, now):
+                dst.handle(E.PacketReceived(s.link, s.data), now + 0.001)
+        alpha.handle(E.PingReply(ping, at=now + 0.0005), now + 0.15)  # read late: counts from its arrival
+        now += 0.2
+    replied = now - 0.2 + 0.0005
+    assert alpha.pings.last_reply[ping] == replied
+    assert not alpha.needs_input(now + 0.1)
+    assert alpha.pings.visible(ping, replied + 0.999) and not alpha.pings.visible(ping, replied + 1.0)
+    while now < replied + 0.85:  # the beats go on, the ping node falls silent
+        for src, dst in ((alpha, bravo), (bravo, alpha)):
+            for s in _beats(src, now):
+                dst.handle(E.PacketReceived(s.link, s.data), now + 0.001)
+        assert alpha.needs_input(now + 0.002) is (replied + 1.0 < now + 0.202), now - replied
+        now += 0.2
+    lone = Engine(make_config("alpha", groups=(), ping=(ping,)), 1, 0.0)
+    assert lone.needs_input(5.0)  # no reply yet: every tick reads
+
+
+def test_serial_frames_read_together_find_the_times_of_their_udp_copies():
+    """Several beats read in one go (on a tick after warntime): each late serial frame takes its UDP copy's
+    kernel time, so the serial link is as fresh as its newest frame, not as the reading."""
+    alpha, bravo, now = _pair_after(2.0)
+    held = []
+    for i in range(3):
+        held.append((_beats(bravo, now + 0.2 * i), now + 0.2 * i + 0.001))
+    for sends, came in held:  # the UDP copies first (the daemon drains UDP first), then the serial frames
+        for s in sends:
+            if not s.link.startswith("serial"):
+                alpha.handle(E.PacketReceived(s.link, s.data, came), now + 0.55)
+    for sends, came in held:
+        for s in sends:
+            if s.link.startswith("serial"):
+                alpha.handle(E.PacketReceived(s.link, s.data, None, True), now + 0.55)
+    newest = held[-1][1]
+    assert {l: lt.last_heard for l, lt in alpha.membership.peers["bravo"].links.items()} == {l: newest for l in LINKS}
