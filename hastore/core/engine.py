@@ -98,6 +98,9 @@ class Engine:
         self.unechoed = 0
         self.first_heard: dict[str, dict[tuple[int, int], float]] = {}  # per peer: (generation, seq) -> arrival
         self.last_beat_body: dict | None = None  # what our previous beat said (a beat saying the same is no news)
+        self.beat_body: dict = {}  # what _send_due last put in a beat (before the echo, see _body)
+        # Until when a beat tick needs no full pass (see _routine_tick): set after a pass that found all well.
+        self.routine_until = float("-inf")
         self.reported: set[tuple[str, str]] = set()  # one-shot notices, cleared when the condition ends
         # What this node knows it cannot use, and since when: links whose sends fail for a local reason, ping
         # nodes it has no route to (see _isolated).
@@ -116,7 +119,10 @@ class Engine:
     def handle(self, event: E.Event, now: float) -> A.Decision:
         if now - self.now > 2 * self.config.timing.keepalive_ms / 1000:
             self.pings_since = now  # it runs at least every keepalive (our beat's tick): it was stalled
+            self.routine_until = float("-inf")
         self.now = now
+        if type(event) is E.Tick and now < self.routine_until:
+            return self._routine_tick(now)
         out: list[A.Action] = []
         why: list[str] = []
         if isinstance(event, E.PacketReceived):
@@ -159,10 +165,60 @@ class Engine:
             self._leave(now, out, why)
         else:
             self._place(now, out, why)
+        beat = now >= self.next_beat  # this pass builds the beat from what it found
         self._send_due(now, out)
         if self.exit_at is not None and now >= self.exit_at:
             out.append(A.Exit(0))
-        return A.Decision(tuple(out), "; ".join(w for w in why if w))
+        reason = "; ".join(w for w in why if w)
+        self.routine_until = float("-inf")
+        if beat and not reason and all(isinstance(a, (A.Send, A.Ping)) for a in out):
+            self.routine_until = self._calm_until(now)
+        return A.Decision(tuple(out), reason)
+
+    def _calm_until(self, now: float) -> float:
+        """After a full pass that decided nothing but sent a beat: until when another would decide nothing either
+        and send the same beat, as long as no event but beat ticks comes (any other goes through a full pass,
+        which sets this anew; one that sends no beat leaves the next tick a full pass, to build the beat). Only while all
+        is well: probed and not leaving, every group started or stopped with nothing in flight, the peer alive
+        on every link and in no restart grace, nothing awaiting an acknowledgement, no local link or route down,
+        every ping node visible. Then, with the same inputs, the full pass could only change its mind at a
+        time: a link turning warn or dead, a ping node's reply expiring, a monitor coming due."""
+        never = float("-inf")
+        peer = self.peer
+        if (not self.probed or self.leaving or self.exit_at is not None or self.outbox or self.restart_grace_ms
+                or self.links_down or self.unroutable or peer is None or not self.membership.alive(peer)):
+            return never
+        if any(g.state not in (GroupState.STARTED, GroupState.STOPPED) for g in self.groups.values()):
+            return never
+        if any(t.grace_until is not None for t in self.membership.peers.values()):
+            return never
+        calm = self.membership.calm_until()
+        if calm is None:
+            return never
+        times = [calm]
+        if self.pings.configured:
+            if not self._pings_settled(now) or self.pings.count(now) < self.pings.configured:
+                return never
+            times.append(self.pings.next_expiry(now) or never)
+        for ops in self.ops.values():
+            if ops.busy or ops.inflight is not None:
+                return never
+            t = ops.next_deadline()
+            if t is not None:
+                times.append(t)
+        dies = self.membership.next_deadline()
+        if dies is not None:
+            times.append(dies)
+        return min(times)
+
+    def _routine_tick(self, now: float) -> A.Decision:
+        """A beat tick while all is well (see _calm_until): the beat the full pass would send, and the pings."""
+        out: list[A.Action] = []
+        if now >= self.next_beat:
+            self._broadcast(MsgType.BEAT, "", self.beat_body, out)
+            out.extend(A.Ping(a) for a in self.pings.addresses())
+            self.next_beat = now + self.config.timing.keepalive_ms / 1000
+        return A.Decision(tuple(out))
 
     def needs_input(self, now: float) -> bool:
         """Whether the shell must hand over what it holds unread (routine beats and serial frames, echo replies:
@@ -692,6 +748,7 @@ class Engine:
                 body["rs"] = self.restart_grace_ms
             if self.pings.configured and self._pings_settled(now):
                 body["p"] = self.pings.count(now)  # before the first replies had time to come, say nothing
+            self.beat_body = body
             self._broadcast(MsgType.BEAT, "", body, out)
             out.extend(A.Ping(a) for a in self.pings.addresses())
             self.next_beat = now + keepalive

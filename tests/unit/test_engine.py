@@ -1,9 +1,12 @@
 """The engine, fed events by two-node fake clusters with a fake clock (no sockets, no sleeping)."""
 
+import random
+
+import pytest
+
 from hastore.config.model import Timing
 from hastore.core import actions as A
 from hastore.core import events as E
-
 from hastore.core.engine import Engine
 
 from fakecluster import LINKS, FakeCluster, make_config
@@ -423,3 +426,104 @@ def test_serial_frames_read_together_find_the_times_of_their_udp_copies():
                 alpha.handle(E.PacketReceived(s.link, s.data, None, True), now + 0.55)
     newest = held[-1][1]
     assert {l: lt.last_heard for l, lt in alpha.membership.peers["bravo"].links.items()} == {l: newest for l in LINKS}
+
+
+def _twin_runs(scenario) -> tuple[FakeCluster, FakeCluster, int]:
+    """The same scenario on two clusters: one as built, one whose engines never take the routine tick (every tick
+    a full pass). Returns both and how many routine ticks the first took."""
+    taken = [0]
+    runs = []
+    for routine in (True, False):
+        c = cluster(ping=("10.0.0.254",))
+        for node in c.nodes.values():
+            node.sees_pings.add("10.0.0.254")
+            engine = node.engine
+            if routine:
+                def counted(now, engine=engine, inner=engine._routine_tick):
+                    taken[0] += 1
+                    return inner(now)
+                engine._routine_tick = counted
+            else:
+                engine._calm_until = lambda now: float("-inf")
+        scenario(c)
+        runs.append(c)
+    return runs[0], runs[1], taken[0]
+
+
+def test_the_routine_tick_decides_exactly_what_a_full_pass_would():
+    """While all is well a beat tick skips the full pass (Engine._calm_until): byte for byte the same datagrams
+    and the same decisions as full passes, through link loss, a partition, ping loss, a failing monitor and a
+    standby."""
+    def scenario(c):
+        c.advance(3.0)
+        c.cut_link(LINKS[0])
+        c.advance(1.5)
+        c.heal()
+        c.advance(2.0)
+        c.nodes["bravo"].sees_pings.clear()  # bravo sees no ping node for a while
+        c.advance(2.5)
+        c.nodes["bravo"].sees_pings.add("10.0.0.254")
+        c.advance(2.0)
+        c.nodes["alpha"].faults[("web", 0, "monitor")] = 7  # its resource fails: restarted in place
+        c.advance(11.0)
+        del c.nodes["alpha"].faults[("web", 0, "monitor")]
+        c.advance(12.0)
+        for link in LINKS:
+            c.cut_link(link)
+        c.advance(1.6)  # both declare the other dead: a dual claim once healed
+        c.heal()
+        c.advance(3.0)
+        c.deliver(E.Admin("standby", "all"), "alpha")
+        c.advance(3.0)
+
+    fast, full, taken = _twin_runs(scenario)
+    assert taken > 100  # most ticks of a calm cluster are routine
+    for name in ("alpha", "bravo"):
+        assert fast.nodes[name].log == full.nodes[name].log, name
+        assert fast.nodes[name].ops_log == full.nodes[name].ops_log, name
+    assert fast.wire_log == full.wire_log
+    assert fast.first("bravo", "peer-dead") is not None and fast.first("alpha", "dual-claim") is not None
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_routine_tick_matches_full_passes_through_random_trouble(seed):
+    """Random cuts (one link, all, one way), ping loss, failing monitors and starts, operator commands and a
+    shutdown, the same on both twins: the same decisions and datagrams."""
+    def scenario(c):
+        rng = random.Random(seed)
+        c.advance(3.0)
+        for _ in range(14):
+            what = rng.choice(["cut", "cut-all", "cut-one-way", "heal", "pings", "monitor", "start", "admin",
+                               "wait"])
+            who = rng.choice(["alpha", "bravo"])
+            if what == "cut":
+                c.cut_link(rng.choice(LINKS))
+            elif what == "cut-all":
+                for link in LINKS:
+                    c.cut_link(link)
+            elif what == "cut-one-way":
+                c.cut_link(rng.choice(LINKS), who)
+            elif what == "heal":
+                c.heal()
+            elif what == "pings":
+                pings = c.nodes[who].sees_pings
+                pings.symmetric_difference_update({"10.0.0.254"})
+            elif what in ("monitor", "start"):
+                key = ("web", 0, what)
+                faults = c.nodes[who].faults
+                faults.pop(key) if key in faults else faults.update({key: rng.choice([1, 7])})
+            elif what == "admin":
+                c.deliver(E.Admin(rng.choice(["standby", "takeover"]), rng.choice(["all", "local", "foreign"])),
+                          who)
+            c.advance(rng.uniform(0.05, 4.0))
+        if rng.random() < 0.5:
+            c.heal()
+            c.deliver(E.Shutdown(), rng.choice(["alpha", "bravo"]))
+            c.advance(3.0)
+
+    fast, full, taken = _twin_runs(scenario)
+    assert taken > 0
+    for name in ("alpha", "bravo"):
+        assert fast.nodes[name].log == full.nodes[name].log, name
+        assert fast.nodes[name].ops_log == full.nodes[name].ops_log, name
+    assert fast.wire_log == full.wire_log
