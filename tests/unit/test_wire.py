@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hmac
+import json
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hastore.config.model import Auth, AuthAlgorithm, AuthKey
@@ -19,6 +21,7 @@ from hastore.core.wire import (
     MsgType,
     Verdict,
     Verifier,
+    _mac,
     encode,
     signing_key,
 )
@@ -52,6 +55,43 @@ def with_body(raw_body: bytes) -> bytes:
 
 
 # --- round trips and encoding ----------------------------------------------------------------
+
+
+@settings(max_examples=300)
+@given(st.sampled_from([AuthAlgorithm.SHA256, AuthAlgorithm.SHA1, AuthAlgorithm.MD5]),
+       st.binary(min_size=1, max_size=200), st.binary(max_size=600))
+@example(AuthAlgorithm.SHA256, b"k" * 65, b"beat")  # longer than a block: the key is hashed first
+@example(AuthAlgorithm.MD5, b"k" * 64, b"")  # exactly a block
+def test_the_mac_is_standard_hmac(algorithm: AuthAlgorithm, secret: bytes, signed: bytes) -> None:
+    """The MAC (the key's pads hashed once, see wire._pads) is RFC 2104 HMAC, for keys shorter and longer than
+    a hash block, and stays so when the same key signs again (the cached pads are copied, never changed)."""
+    name = {AuthAlgorithm.SHA256: "sha256", AuthAlgorithm.SHA1: "sha1", AuthAlgorithm.MD5: "md5"}[algorithm]
+    key = AuthKey(9, algorithm, secret)
+    assert _mac(key, signed) == hmac.new(secret, signed, name).digest()
+    assert _mac(key, signed + b"x") == hmac.new(secret, signed + b"x", name).digest()
+    data = encode(beat(), key)
+    assert verifier(Auth(keys=(key,), active_key=9)).verify(data, "eth1").verdict is Verdict.OK
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2, 2) | st.sampled_from([0.0, -0.0, 1.0, 2.5])
+                     | st.sampled_from(["", "a", "é"]),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from("abc"), inner, max_size=3),
+                     max_leaves=8)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.dictionaries(st.sampled_from(["e", "g", "p", "st"]), _JSON, max_size=4), min_size=2, max_size=4))
+@example([{"p": 1}, {"p": True}, {"p": 1.0}, {"p": 1}])  # equal in Python, three different JSON texts
+@example([{"x": 0.0}, {"x": -0.0}])
+def test_each_body_is_encoded_as_itself(bodies: list[dict]) -> None:
+    """Encoding remembers the last body's bytes for the routine beats that repeat it; any body that differs in
+    value or in JSON type gets its own bytes, and a body changed after encoding does not change the next."""
+    for body, after in zip(bodies, bodies[1:] + [{}]):
+        expected = json.dumps(body, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+        data = encode(beat(body=body), KEY1)
+        assert data[-32 - len(expected) - 2:-32] == struct.pack(">H", len(expected)) + expected
+        body.clear()
+        body.update(copy.deepcopy(after))  # the caller's dict changed after encoding, into the next body
 
 
 @pytest.mark.parametrize("key", ALL_KEYS, ids=lambda k: k.algorithm.value)
