@@ -73,6 +73,9 @@ class Pending:
     give_up: float
 
 
+NEVER = float("-inf")  # Engine.routine_until when the next tick must be a full pass
+
+
 class Engine:
     def __init__(self, config: Config, generation: int, now: float, floors: dict[str, int] | None = None,
                  policy: Policy | None = None):
@@ -100,7 +103,7 @@ class Engine:
         self.last_beat_body: dict | None = None  # what our previous beat said (a beat saying the same is no news)
         self.beat_body: dict = {}  # what _send_due last put in a beat (before the echo, see _body)
         # Until when a beat tick needs no full pass (see _routine_tick): set after a pass that found all well.
-        self.routine_until = float("-inf")
+        self.routine_until = NEVER
         self.reported: set[tuple[str, str]] = set()  # one-shot notices, cleared when the condition ends
         # What this node knows it cannot use, and since when: links whose sends fail for a local reason, ping
         # nodes it has no route to (see _isolated).
@@ -119,10 +122,15 @@ class Engine:
     def handle(self, event: E.Event, now: float) -> A.Decision:
         if now - self.now > 2 * self.config.timing.keepalive_ms / 1000:
             self.pings_since = now  # it runs at least every keepalive (our beat's tick): it was stalled
-            self.routine_until = float("-inf")
+            self.routine_until = NEVER
         self.now = now
-        if type(event) is E.Tick and now < self.routine_until:
-            return self._routine_tick(now)
+        if type(event) is E.Tick and self.routine_until > NEVER:
+            if now >= self.routine_until:
+                # Calm was found to last until a moment now past, and since then nothing changed the state (the
+                # routine packets and echo replies read at this tick only made the times heard later): ask again.
+                self.routine_until = self._calm_until(now)
+            if now < self.routine_until:
+                return self._routine_tick(now)
         out: list[A.Action] = []
         why: list[str] = []
         if isinstance(event, E.PacketReceived):
@@ -170,39 +178,40 @@ class Engine:
         if self.exit_at is not None and now >= self.exit_at:
             out.append(A.Exit(0))
         reason = "; ".join(w for w in why if w)
-        self.routine_until = float("-inf")
+        self.routine_until = NEVER
         if beat and not reason and all(isinstance(a, (A.Send, A.Ping)) for a in out):
             self.routine_until = self._calm_until(now)
         return A.Decision(tuple(out), reason)
 
     def _calm_until(self, now: float) -> float:
         """After a full pass that decided nothing but sent a beat: until when another would decide nothing either
-        and send the same beat, as long as no event but beat ticks comes (any other goes through a full pass,
-        which sets this anew; one that sends no beat leaves the next tick a full pass, to build the beat). Only while all
-        is well: probed and not leaving, every group started or stopped with nothing in flight, the peer alive
-        on every link and in no restart grace, nothing awaiting an acknowledgement, no local link or route down,
-        every ping node visible. Then, with the same inputs, the full pass could only change its mind at a
-        time: a link turning warn or dead, a ping node's reply expiring, a monitor coming due."""
-        never = float("-inf")
+        and send the same beat, as long as only beat ticks come and events that change no state (routine beats,
+        echo replies from visible ping nodes: they only make times heard later, so once that time is past a tick
+        asks again); any other event goes through a full pass, which sets this anew (one that sends no beat
+        leaves the next tick a full pass, to build the beat). Only while all is well: probed and not leaving,
+        every group started or stopped with nothing in flight, the peer alive on every link and in no restart
+        grace, nothing awaiting an acknowledgement, no local link or route down, every ping node visible. Then,
+        with the same inputs, the full pass could only change its mind at a time: a link turning warn or dead,
+        a ping node's reply expiring, a monitor coming due."""
         peer = self.peer
         if (not self.probed or self.leaving or self.exit_at is not None or self.outbox or self.restart_grace_ms
                 or self.links_down or self.unroutable or peer is None or not self.membership.alive(peer)):
-            return never
+            return NEVER
         if any(g.state not in (GroupState.STARTED, GroupState.STOPPED) for g in self.groups.values()):
-            return never
+            return NEVER
         if any(t.grace_until is not None for t in self.membership.peers.values()):
-            return never
+            return NEVER
         calm = self.membership.calm_until()
         if calm is None:
-            return never
+            return NEVER
         times = [calm]
         if self.pings.configured:
             if not self._pings_settled(now) or self.pings.count(now) < self.pings.configured:
-                return never
-            times.append(self.pings.next_expiry(now) or never)
+                return NEVER
+            times.append(self.pings.next_expiry(now) or NEVER)
         for ops in self.ops.values():
             if ops.busy or ops.inflight is not None:
-                return never
+                return NEVER
             t = ops.next_deadline()
             if t is not None:
                 times.append(t)
@@ -228,6 +237,8 @@ class Engine:
         without reading: what is held is all routine (news wakes it at once), it carries the kernel's receive
         time, and it is read at the latest on the first tick after warntime, before anything could turn on it."""
         soon = now + self.config.timing.keepalive_ms / 1000 + EPS
+        if soon < self.routine_until:
+            return False  # calm beyond the next tick (see _calm_until): nothing to read before it
         calm = self.membership.calm_until()
         if calm is None or calm <= now + EPS:
             return True
@@ -243,6 +254,8 @@ class Engine:
         return False
 
     def next_deadline(self) -> float:
+        if self.now < self.routine_until and self.next_beat <= self.routine_until:
+            return self.next_beat  # every other deadline is at or after routine_until (see _calm_until)
         times = [self.next_beat]
         for t in (self.membership.next_deadline(), self.pings.next_expiry(self.now), self.exit_at):
             if t is not None:

@@ -441,6 +441,11 @@ def _twin_runs(scenario) -> tuple[FakeCluster, FakeCluster, int]:
             if routine:
                 def counted(now, engine=engine, inner=engine._routine_tick):
                     taken[0] += 1
+                    later = now + engine.config.timing.keepalive_ms / 1000
+                    quick = engine.needs_input(later), engine.next_deadline()
+                    engine.routine_until, kept = float("-inf"), engine.routine_until
+                    assert quick == (engine.needs_input(later), engine.next_deadline())  # the shortcuts agree
+                    engine.routine_until = kept
                     return inner(now)
                 engine._routine_tick = counted
             else:
