@@ -363,8 +363,9 @@ def _check(argv: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------- the keeper process
-def serve(keeper: Keeper) -> None:
-    path = keeper.d / SOCKET
+def listen(d: Path) -> socket.socket:
+    """The keeper's control socket, listening before `ready` is printed: a client told the lab is up connects."""
+    path = d / SOCKET
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -372,6 +373,10 @@ def serve(keeper: Keeper) -> None:
     os.chmod(path, 0o600)
     srv.listen(8)
     srv.settimeout(0.5)
+    return srv
+
+
+def serve(keeper: Keeper, srv: socket.socket) -> None:
     signal.signal(signal.SIGTERM, lambda *_: setattr(keeper, "stopping", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(keeper, "stopping", True))
     try:
@@ -440,11 +445,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error {e}", flush=True)
         keeper.down()
         return 1
+    try:
+        srv = listen(d)
+    except OSError as e:
+        log.exception("cannot listen")
+        print(f"error cannot listen on {d / SOCKET}: {e}", flush=True)
+        keeper.down()
+        return 1
     print("ready " + json.dumps(info), flush=True)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
-    serve(keeper)
+    serve(keeper, srv)
     return 0
 
 
