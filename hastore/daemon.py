@@ -7,7 +7,6 @@ It feeds events to the engine, executes the actions it returns, and re-arms one 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import signal
@@ -44,6 +43,22 @@ _NOTIFY_LEVEL = {"peer-dead": "warning", "peer-warn": "warning", "link-dead": "w
 _OWN_LINE = ("rejected", "link-trouble", "unacknowledged")
 
 
+class _Batch:
+    """Feeds inside `with daemon.batch:` re-arm no timer (see Daemon.feed) and drain nothing first: they are part
+    of one pass. (A class: a generator-based context manager costs several times more on every beat tick.)"""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = False
+
+    def __enter__(self) -> None:
+        self.on = True
+
+    def __exit__(self, *exc) -> None:
+        self.on = False
+
+
 def _describe(a: A.Action) -> str:
     if isinstance(a, A.StartGroup):
         return f"start {a.group}"
@@ -62,7 +77,7 @@ class Daemon:
         self.transports: dict[str, Transport] = {}
         self.drain_order: list[Transport] = []
         self.port_claims: list[socket.socket] = []  # held for the daemon's life: see claim_port
-        self.batch = False  # inside the beat timer's drains (see _on_timer)
+        self.batch = _Batch()  # on inside the beat timer's drains (see _on_timer)
         self.ticks = 0  # timer ticks since the links were last read on one (see _on_timer)
         self.pings_read = 0.0  # loop time of the last collection of echo replies
         self.pinger: Pinger | None = None
@@ -187,14 +202,14 @@ class Daemon:
     def feed(self, event: E.Event, drained: bool = False) -> None:
         if self.finished is None or self.finished.done():
             return
-        if not self.batch and not drained:
+        if not self.batch.on and not drained:
             self._drain_all()  # decide on every beat that has come, not only on those the last tick read
         loop = self.loop
         if not self._guard_ok(loop.time()):
             return
         decision = self.engine.handle(event, loop.time())
         if not decision.actions and not decision.reason:
-            if not self.batch:
+            if not self.batch.on:
                 self._rearm(loop)  # nothing changed (a repeated beat, a ping node still visible): the cheap path
             return
         if decision.reason:
@@ -246,7 +261,7 @@ class Daemon:
             return
         now = self.loop.time()
         since, self.pings_read = self.pings_read, now
-        with self._batched():
+        with self.batch:
             for address, stamp in self.pinger.drain():
                 at = arrival(stamp, now, since)
                 for name in self.ping_names.get(address, ()):
@@ -255,21 +270,12 @@ class Daemon:
     def _drain_all(self, ticks: int = 0) -> None:
         """Feed what every link holds, UDP first (see drain_order). What these packets decide re-arms nothing
         (batch): the caller re-arms once."""
-        with self._batched():
+        with self.batch:
             for t in self.drain_order:
                 try:
                     t.drain(ticks)
                 except Exception as e:  # noqa: BLE001 - one link's trouble must not stop the beat
                     self.log.error("link-trouble", link=t.link.id, detail=f"reading failed: {e!r}")
-
-    @contextlib.contextmanager
-    def _batched(self):
-        """Feeds inside re-arm no timer (see feed) and drain nothing first: they are part of one pass."""
-        self.batch = True
-        try:
-            yield
-        finally:
-            self.batch = False
 
     def _on_wake(self) -> None:
         """News on a quiet link: read every link (in arrival order per link) and decide, as a tick would."""

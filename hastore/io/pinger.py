@@ -98,7 +98,8 @@ class _Prober:
         """Sends one echo request; 0, or the errno of a send that failed (no reply will come then)."""
         self.seq = (self.seq + 1) & 0xFFFF
         header = _HDR.pack(ECHO_REQUEST[self.family], 0, 0, self.ident, self.seq)
-        csum = _checksum(header + PAYLOAD) if self.family == socket.AF_INET else 0  # v6: kernel does it
+        # The kernel computes it for ICMPv6 and for ping (dgram) sockets; only a raw IPv4 socket sends ours.
+        csum = _checksum(header + PAYLOAD) if self.kind == "raw" and self.family == socket.AF_INET else 0
         packet = _HDR.pack(ECHO_REQUEST[self.family], 0, csum, self.ident, self.seq) + PAYLOAD
         self.sent[self.seq] = (normalised, address)
         while len(self.sent) > OUTSTANDING:
