@@ -101,7 +101,6 @@ class Engine:
         self.unechoed = 0
         self.first_heard: dict[str, dict[tuple[int, int], float]] = {}  # per peer: (generation, seq) -> arrival
         self.last_beat_body: dict | None = None  # what our previous beat said (a beat saying the same is no news)
-        self.beat_body: dict = {}  # what _send_due last put in a beat (before the echo, see _body)
         # Until when a beat tick needs no full pass (see _routine_tick): set after a pass that found all well.
         self.routine_until = NEVER
         self.reported: set[tuple[str, str]] = set()  # one-shot notices, cleared when the condition ends
@@ -178,9 +177,8 @@ class Engine:
         if self.exit_at is not None and now >= self.exit_at:
             out.append(A.Exit(0))
         reason = "; ".join(w for w in why if w)
-        self.routine_until = NEVER
-        if beat and not reason and all(isinstance(a, (A.Send, A.Ping)) for a in out):
-            self.routine_until = self._calm_until(now)
+        calm = beat and not reason and all(isinstance(a, (A.Send, A.Ping)) for a in out)
+        self.routine_until = self._calm_until(now) if calm else NEVER
         return A.Decision(tuple(out), reason)
 
     def _calm_until(self, now: float) -> float:
@@ -221,10 +219,11 @@ class Engine:
         return min(times)
 
     def _routine_tick(self, now: float) -> A.Decision:
-        """A beat tick while all is well (see _calm_until): the beat the full pass would send, and the pings."""
+        """A beat tick while all is well (see _calm_until): the beat the full pass would send (our last one: the
+        echoed generation it carries cannot change while calm), and the pings."""
         out: list[A.Action] = []
         if now >= self.next_beat:
-            self._broadcast(MsgType.BEAT, "", self.beat_body, out)
+            self._broadcast(MsgType.BEAT, "", self.last_beat_body, out)
             out.extend(A.Ping(a) for a in self.pings.addresses())
             self.next_beat = now + self.config.timing.keepalive_ms / 1000
         return A.Decision(tuple(out))
@@ -761,7 +760,6 @@ class Engine:
                 body["rs"] = self.restart_grace_ms
             if self.pings.configured and self._pings_settled(now):
                 body["p"] = self.pings.count(now)  # before the first replies had time to come, say nothing
-            self.beat_body = body
             self._broadcast(MsgType.BEAT, "", body, out)
             out.extend(A.Ping(a) for a in self.pings.addresses())
             self.next_beat = now + keepalive

@@ -440,16 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     keeper = Keeper(d, opts, a.prefix, owner)
     try:
         info = keeper.build()
+        srv = listen(d)
     except BaseException as e:  # noqa: BLE001 - report anything to `lab up`, then clean up
         log.exception("lab up failed")
         print(f"error {e}", flush=True)
-        keeper.down()
-        return 1
-    try:
-        srv = listen(d)
-    except OSError as e:
-        log.exception("cannot listen")
-        print(f"error cannot listen on {d / SOCKET}: {e}", flush=True)
         keeper.down()
         return 1
     print("ready " + json.dumps(info), flush=True)

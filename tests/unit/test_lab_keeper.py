@@ -32,6 +32,7 @@ def test_the_socket_listens_before_ready_is_printed(tmp_path, monkeypatch, capfd
     monkeypatch.setattr(K.Keeper, "build", built)
     monkeypatch.setattr(K, "serve", served)
     monkeypatch.setattr(K.os, "dup2", lambda *a: None)  # keep pytest's stdout
+    monkeypatch.setattr(K.logging, "basicConfig", lambda **kw: None)  # and this process's logging
     monkeypatch.setattr("builtins.print", looking_print)
     assert K.main(["--dir", str(tmp_path), "--prefix", "t0"]) == 0
     assert seen.get("connected") is True
