@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+TIMEOUT_RC = -1  # the shell reports an agent it had to kill at its timeout (RunAgent) with this code
+
 
 @dataclass(frozen=True)
 class Send:
@@ -74,7 +76,7 @@ class Decision:
 class RunAgent:
     """Run one resource agent operation (start | stop | monitor) of resource `index` of `group`.
 
-    The shell kills it at `timeout_s` and reports AgentDone with rc -1. `op_id` ties the result to the request.
+    The shell kills it at `timeout_s` and reports AgentDone with rc TIMEOUT_RC. `op_id` ties the result to the request.
     """
 
     group: str

@@ -11,10 +11,9 @@ import enum
 from dataclasses import dataclass, replace
 
 from hastore.config.model import Group, Resource
-from hastore.core.actions import RunAgent
+from hastore.core.actions import TIMEOUT_RC, RunAgent
 
 OCF_SUCCESS, OCF_NOT_RUNNING = 0, 7
-TIMEOUT_RC = -1  # the shell reports an agent it had to kill at its timeout with this code
 
 
 class RState(enum.Enum):

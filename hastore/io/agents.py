@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hastore.config.model import Resource
-from hastore.core.resources import TIMEOUT_RC
+from hastore.core.actions import TIMEOUT_RC
 from hastore.io.launcher import Launcher, LauncherGone
-from hastore.io.proc import kill_group
+from hastore.io.proc import REPO_ROOT as _ROOT, kill_group, last_line, with_repo_on_path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(_ROOT)
 AGENTS_DIR = REPO_ROOT / "agents"
 OCF_ROOT = Path("/usr/lib/ocf")
 
@@ -312,17 +312,6 @@ class _Process:
 
     async def wait(self) -> int:
         return await self.proc.wait()
-
-
-def with_repo_on_path(env: dict[str, str]) -> dict[str, str]:
-    """`env` with this checkout first on PYTHONPATH: our agents and the guard import hastore from it."""
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def last_line(output: str) -> str:
-    """An agent's output as one detail for the log: its last line, cut short."""
-    return output.splitlines()[-1][:300] if output else ""
 
 
 def _instance(group: str, name: str) -> str:

@@ -44,12 +44,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from hastore.core.resources import TIMEOUT_RC
-from hastore.io.agents import OCF_NOT_INSTALLED, last_line, with_repo_on_path
-from hastore.io.proc import kill_group, start_ticks
+from hastore.agentlib.ocf import ERR_INSTALLED
+from hastore.core.actions import TIMEOUT_RC
+from hastore.io.proc import kill_group, last_line, start_ticks, with_repo_on_path
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
-STARTUP_S = 10.0  # how long the daemon waits for a new guard to answer
+STARTUP_S = 30.0  # how long the daemon waits for a new guard to answer (a Python start: seconds on a loaded VM)
 RESTART_GRACE_MS = 5000  # guard_timeout while the daemon re-executes itself (`hastore restart`); the peer is
 #                          asked to wait this plus deadtime, so the guard has fenced before the peer would start
 HANDOVER_ENV = "HASTORE_GUARD"  # "FD:PID:PET_FD": the guard a re-executed daemon inherits (PET_FD may be missing)
@@ -233,7 +233,7 @@ def run_stop(s: Stop) -> tuple[int, str]:
         proc = subprocess.Popen(s.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=s.env, start_new_session=True)
     except OSError as e:
-        return OCF_NOT_INSTALLED, f"cannot run {s.argv[0]}: {e.strerror}"
+        return ERR_INSTALLED, f"cannot run {s.argv[0]}: {e.strerror}"
     try:
         out, _ = proc.communicate(timeout=s.timeout_s)
     except subprocess.TimeoutExpired:
@@ -346,7 +346,9 @@ class GuardClient:
         if self.agents:
             self._send({"m": "agents", "pids": self.agents})
         if self.confirm(STARTUP_S) is not True:
-            raise GuardError(f"the guard (pid {self.proc.pid}) did not start: {self.describe_exit()}")
+            raise GuardError(f"the guard (pid {self.proc.pid}) did not start within {STARTUP_S:g} s: "
+                             f"{self.describe_exit()}")
+        self.pet()  # the wait was the guard's start, not a stall of ours (Daemon._guard_ok)
 
     def adopt(self, handover: str) -> None:
         """After a re-exec (`hastore restart`): take over the guard the previous image ran, whose socket we
@@ -373,6 +375,7 @@ class GuardClient:
         if self.confirm(STARTUP_S) is not True:
             raise GuardError(f"the guard of the previous daemon (pid {pid}) does not guard any more: "
                              f"{self.describe_exit()}")
+        self.pet()
 
     def hand_over(self) -> str:
         """Before a re-exec: let the socket survive exec and give the new image time to start (RESTART_GRACE_MS);

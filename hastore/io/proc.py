@@ -1,9 +1,13 @@
-"""Process identity: a pid names one process only together with its start time, pids being reused."""
+"""Processes: identity (a pid names one process only together with its start time, pids being reused), killing a
+process group, and what the processes we start are given and give back. Standard library only: the guard imports
+this, and a guard that starts slowly on a loaded machine is a daemon that does not start."""
 
 from __future__ import annotations
 
 import os
 import signal
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def start_ticks(pid: int) -> int | None:
@@ -26,3 +30,14 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def with_repo_on_path(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this checkout first on PYTHONPATH: our agents and the guard import hastore from it."""
+    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def last_line(output: str) -> str:
+    """An agent's output as one detail for the log: its last line, cut short."""
+    return output.splitlines()[-1][:300] if output else ""

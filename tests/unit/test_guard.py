@@ -5,6 +5,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hastore.config import load, to_toml
 from hastore.config.model import Group, Resource, Timing, default_guard_timeout_ms
 from hastore.core.resources import GroupOps, Policy
 from hastore.io.guard import GuardClient, Stop, Watch
-from hastore.io.proc import start_ticks
+from hastore.io.proc import start_ticks, with_repo_on_path
 
 from test_config_native import MINIMAL, errors_of, write
 
@@ -215,6 +216,36 @@ def test_a_re_executed_daemon_adopts_the_guard_and_pets_it(tmp_path, with_page):
                 os.kill(new.proc.pid, signal.SIGKILL)
     asyncio.run(main())
     assert not (tmp_path / "stopped").exists()
+
+
+def test_the_guard_starts_without_the_daemon_s_imports():
+    """The daemon waits for its guard to answer before it runs (STARTUP_S). Under an emulated VM on a loaded machine
+    each import costs seconds: the guard once took more than 10 s to start there, importing asyncio and the
+    configuration through hastore.io.agents, and the daemon gave up. It imports the standard library and two small
+    modules of ours."""
+    out = subprocess.run([sys.executable, "-c", "import sys, hastore.io.guard; print(' '.join(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True, env=with_repo_on_path(dict(os.environ))).stdout
+    loaded = set(out.split())
+    ours = {m for m in loaded if m.startswith("hastore.")}
+    assert ours <= {"hastore.io", "hastore.io.guard", "hastore.io.proc", "hastore.core", "hastore.core.actions",
+                    "hastore.agentlib", "hastore.agentlib.ocf"}, sorted(ours)
+    assert not loaded & {"asyncio", "ssl", "tomllib", "structlog"}, sorted(loaded & {"asyncio", "ssl", "tomllib"})
+
+
+def test_a_slow_guard_start_is_not_counted_as_the_daemon_s_silence(tmp_path, monkeypatch):
+    """The wait for the guard to answer at start is not a stall of the daemon's: its first decision after it must
+    not find guard_timeout passed (once logged as 'the daemon did not run for 8451 ms' on a slow VM)."""
+    slow = tmp_path / "slow-python"
+    slow.write_text(f"#!/bin/sh\nsleep 1.5\nexec {sys.executable} \"$@\"\n")
+    slow.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(slow))
+
+    async def steps(g):
+        assert time.monotonic() - t0 >= 1.5  # the guard's start did take that long
+        assert g.silence(time.monotonic()) < 0.5  # well short of guard_timeout (500 ms here)
+        g.close(bye=True)
+    t0 = time.monotonic()
+    drive(tmp_path, steps)
 
 
 def test_bye_ends_the_guard_without_fencing(tmp_path):
