@@ -7,9 +7,10 @@ line's socat stopped) and measures on bravo:
     fault arrived up to one keepalive earlier);
   - timer overshoot: the silence bravo measured when it declared alpha dead, minus deadtime (how late the
     engine's timer fired after the deadline; the target is <= 50 ms median).
-Then idle CPU (% of one core, from /proc/PID/schedstat), wakeups per second and RSS of one daemon over
---idle-seconds at the first profile, its guard's CPU, and for scale what a bare asyncio loop that passes one
-datagram per keepalive costs on the same machine, and one that makes the daemon's system calls and nothing else.
+Then idle CPU (% of one core, from /proc/PID/schedstat), wakeups per second and RSS of each daemon over
+--idle-seconds at the first profile (with the share of its timer ticks that read the quiet links first), their
+guards' CPU, and for scale what a bare asyncio loop that passes one datagram per keepalive costs on the same
+machine, and one that makes the daemon's system calls and nothing else.
 
 Usage (root): python3 bench/detection.py [--trials 20] [--idle-seconds 60]
 """
@@ -182,23 +183,38 @@ def baseline(seconds: float, every: bool, plain: bool = False) -> float:
 
 
 def idle(pair: Pair, seconds: float) -> None:
-    pid = pair.procs["alpha"].pid
-    comm = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-    assert "hastore" in comm and "run" in comm, comm
-    guard = ((pair.status("alpha") or {}).get("guard") or {}).get("pid")
-    t0, c0, w0 = time.monotonic(), cpu_ns(pid), wakeups(pid)
-    g0 = cpu_ns(guard) if guard else 0
-    peak = 0
+    """Both daemons at once: their timer phases differ, and with them how often a beat tick reads (see the README)."""
+    nodes = sorted(pair.procs)
+    pids = {n: pair.procs[n].pid for n in nodes}
+    for pid in pids.values():
+        comm = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+        assert "hastore" in comm and "run" in comm, comm
+    status = {n: pair.status(n) or {} for n in nodes}
+    guards = {n: (status[n].get("guard") or {}).get("pid") for n in nodes}
+    timer0 = {n: status[n].get("timer") or {} for n in nodes}
+    t0 = time.monotonic()
+    c0, w0 = {n: cpu_ns(pids[n]) for n in nodes}, {n: wakeups(pids[n]) for n in nodes}
+    g0 = {n: cpu_ns(guards[n]) for n in nodes if guards[n]}
+    peak = dict.fromkeys(nodes, 0)
     while time.monotonic() - t0 < seconds:
         time.sleep(1)
-        peak = max(peak, rss_kib(pid))
+        for n in nodes:
+            peak[n] = max(peak[n], rss_kib(pids[n]))
     elapsed = time.monotonic() - t0
-    cpu = (cpu_ns(pid) - c0) / 1e9 / elapsed * 100
-    wake = (wakeups(pid) - w0) / elapsed
-    gcpu = f"{(cpu_ns(guard) - g0) / 1e9 / elapsed * 100:.2f} %" if guard else "no guard"
-    print(f"idle over {seconds:.0f} s at keepalive 200 ms (ucast + serial + 1 ping node): "
-          f"CPU {cpu:.2f} % of one core, {wake:.1f} wakeups/s, RSS {rss_kib(pid) / 1024:.1f} MiB "
-          f"(peak {peak / 1024:.1f} MiB); its guard {gcpu}")
+    cpus = {n: (cpu_ns(pids[n]) - c0[n]) / 1e9 / elapsed * 100 for n in nodes}
+    gcpu = {n: (cpu_ns(guards[n]) - g0[n]) / 1e9 / elapsed * 100 for n in g0}
+    wake = {n: (wakeups(pids[n]) - w0[n]) / elapsed for n in nodes}
+    rss = {n: rss_kib(pids[n]) for n in nodes}
+    print(f"idle over {seconds:.0f} s at keepalive 200 ms (ucast + serial + 1 ping node), per daemon:")
+    for n in nodes:
+        t1 = (pair.status(n) or {}).get("timer") or {}
+        fired = t1.get("fired", 0) - timer0[n].get("fired", 0)
+        reads = t1.get("read", 0) - timer0[n].get("read", 0)
+        share = f"{reads / fired * 100:.0f} % of its {fired} timer ticks read" if fired else "timer ticks unknown"
+        guard = f"{gcpu[n]:.2f} %" if n in gcpu else "no guard"
+        print(f"  {n}: CPU {cpus[n]:.2f} % of one core ({share}), {wake[n]:.1f} wakeups/s, "
+              f"RSS {rss[n] / 1024:.1f} MiB (peak {peak[n] / 1024:.1f} MiB); its guard {guard}")
+    print(f"  mean of the two: {statistics.mean(cpus.values()):.2f} %")
     print(f"  for scale, on this machine: a bare asyncio loop passing one datagram per keepalive "
           f"{baseline(seconds, False):.2f} %; one making the daemon's system calls per keepalive and nothing "
           f"else {baseline(seconds, True):.2f} %; those calls from a plain epoll loop (no asyncio) "

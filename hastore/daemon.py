@@ -79,6 +79,7 @@ class Daemon:
         self.port_claims: list[socket.socket] = []  # held for the daemon's life: see claim_port
         self.batch = _Batch()  # on inside the beat timer's drains (see _on_timer)
         self.ticks = 0  # timer ticks since the links were last read on one (see _on_timer)
+        self.timer_stats = {"fired": 0, "read": 0}  # the engine's timer: how often it fired, and read first
         self.pings_read = 0.0  # loop time of the last collection of echo replies
         self.pinger: Pinger | None = None
         self.ping_targets: dict[str, str] = {}  # configured name or address -> address pinged
@@ -247,8 +248,10 @@ class Daemon:
         (Engine.needs_input): while all is well, on about one tick in three."""
         self.timer = None  # fired: whatever comes next must arm a new one
         self.ticks += 1
+        self.timer_stats["fired"] += 1
         try:
             if self.engine.needs_input(self.loop.time()):
+                self.timer_stats["read"] += 1
                 self._drain_all(ticks=self.ticks)
                 self.ticks = 0
                 self._read_pings()
@@ -458,6 +461,7 @@ class Daemon:
             status = self.engine.status(loop.time())
             status["links"] = {lid: dict(t.stats) for lid, t in self.transports.items()}
             status["guard"] = self.guard.status() if self.guard is not None else None
+            status["timer"] = dict(self.timer_stats)
             return {"ok": True, "status": status}
         if cmd == "reload":
             return self.reload()

@@ -53,6 +53,18 @@ def test_both_nodes_see_each_other_on_both_links_and_one_holds_the_group(pair):
     assert group_owner(pair.status("alpha")) == "alpha"
 
 
+def test_while_all_is_well_a_beat_tick_reads_the_quiet_links_only_now_and_then(pair):
+    """status["timer"]: the engine's timer fires about every keepalive, and reads the quiet links first on one tick
+    in two or three (warntime 500 ms over keepalive 200 ms), not on every one."""
+    pair.wait_for("alpha", lambda s: group_owner(s) == "alpha", timeout=10)
+    before = pair.status("alpha")["timer"]
+    time.sleep(3.0)
+    after = pair.status("alpha")["timer"]
+    fired, read = after["fired"] - before["fired"], after["read"] - before["read"]
+    assert 3.0 / KEEPALIVE * 0.8 <= fired <= 3.0 / KEEPALIVE * 1.5, (before, after)
+    assert fired / 5 <= read <= fired * 0.75, (before, after)  # 1/2 or 1/3; margin for a loaded machine
+
+
 def test_hb_cable_down_keeps_the_peer_alive_over_serial(pair):
     pair.lab.link_down("alpha", "hb")
     s = pair.wait_for("bravo", peer_alive("alpha", {"ucast": False, "serial": True}), timeout=5)
