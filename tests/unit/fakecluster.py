@@ -47,6 +47,9 @@ class Node:
         return {g for g, _ in self.running}
 
 
+SPIN_TICKS = 1000  # ticks of one node at one time before run_until calls it a spin (a test then fails, not hangs)
+
+
 class FakeCluster:
     def __init__(self, configs: dict[str, Config], latency=0.001, op_time=0.05, start=100.0, generations=None,
                  policy=None):
@@ -119,6 +122,7 @@ class FakeCluster:
             node.running_daemon = False
 
     def run_until(self, t_end: float) -> None:
+        spin = (None, None, 0)  # (node, time, ticks): the same node's timer firing again and again at one time
         while True:
             candidates = [(self.queue[0][0], 0, "")] if self.queue else []
             for name, node in self.nodes.items():
@@ -130,6 +134,10 @@ class FakeCluster:
             t, from_queue, name = min(candidates)
             self.now = max(self.now, t)
             if from_queue == 1:
+                spin = (name, t, spin[2] + 1) if spin[:2] == (name, t) else (name, t, 1)
+                if spin[2] > SPIN_TICKS:
+                    raise AssertionError(f"{name}'s next_deadline() stays at {t:.3f} after {SPIN_TICKS} ticks there: "
+                                         f"a daemon's timer would spin (a deadline the tick does not move)")
                 self.deliver(E.Tick(), name)
                 continue
             _, _, name, event = heapq.heappop(self.queue)
