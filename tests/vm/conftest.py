@@ -27,7 +27,8 @@ def guest_log_tail(vm, node: str) -> str:
             continue
         if isinstance(e, dict) and e.get("level") != "debug":
             rest = " ".join(f"{k}={e[k]}" for k in e if k not in SKIP)
-            out.append(f"{str(e.get('timestamp', ''))[11:23]} {e.get('level', '?'):7} {e.get('event', '')} {rest}"[:400])
+            when = str(e.get("timestamp", ""))[11:23]
+            out.append(f"{when} {e.get('level', '?'):7} {e.get('event', '')} {rest}"[:400])
     return "\n".join(out[-TAIL:]) or "(empty)"
 
 
