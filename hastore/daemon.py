@@ -25,7 +25,7 @@ from hastore.core.engine import Engine, GroupState
 from hastore.io import log as hlog
 from hastore.io.agents import AgentRunner
 from hastore.io.control import ControlError, ControlServer
-from hastore.io.guard import HANDOVER_ENV, RESTART_GRACE_MS, GuardClient, GuardError
+from hastore.io.guard import HANDOVER_ENV, RESTART_GRACE_MS, STARTUP_S, GuardClient, GuardError
 from hastore.io.pinger import Pinger
 from hastore.io.state import StateError, StateStore
 from hastore.io.transports import (SerialTransport, Transport, TransportError, UdpTransport, arrival, claim_port,
@@ -442,7 +442,9 @@ class Daemon:
         if lived > g.timeout_s:
             self.log.error("guard", reason=f"{what}: starting a new one")
             try:
-                g.start()
+                # While resources run here: wait no longer than the guard would for us (the peer's deadtime is a
+                # keepalive further), not the first start's STARTUP_S
+                g.start(wait_s=min(STARTUP_S, max(1.0, g.timeout_s)))
                 return
             except GuardError as e:
                 what = str(e)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from hastore.agentlib.ocf import ERR_INSTALLED
 from hastore.core.actions import TIMEOUT_RC
+from hastore.io.log import JsonLines
 from hastore.io.proc import kill_group, last_line, start_ticks, with_repo_on_path
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
@@ -253,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # it ends when its work is done: after bye, or after fencing
-    from hastore.io import log as hlog
-    hlog.configure(args.logfile, json_lines=True)
-    log = hlog.get().bind(guard_pid=os.getpid())
+    log = JsonLines(args.logfile, guard_pid=os.getpid())  # the daemon's JSON lines, without structlog's imports
     sock = socket.socket(fileno=args.fd)
     sock.set_inheritable(False)  # no stop command may keep the pipe open
     sock.setblocking(False)
@@ -318,8 +317,9 @@ class GuardClient:
     def timeout_s(self) -> float:
         return self.timeout_ms / 1000
 
-    def start(self) -> None:
-        """Start a guard (again, after one was lost: it gets what is held at once) and wait until it answers."""
+    def start(self, wait_s: float = STARTUP_S) -> None:
+        """Start a guard (again, after one was lost: it gets what is held at once) and wait until it answers, at
+        most wait_s (the loop does not run meanwhile: no beats go out)."""
         ours, theirs = socket.socketpair()
         self._unmap_pets()  # a lost guard's
         pet_fd = os.memfd_create("hastore-guard-pets")  # close-on-exec but for the guard (pass_fds)
@@ -345,9 +345,10 @@ class GuardClient:
             self._send({"m": "held", "resources": self.held})
         if self.agents:
             self._send({"m": "agents", "pids": self.agents})
-        if self.confirm(STARTUP_S) is not True:
-            raise GuardError(f"the guard (pid {self.proc.pid}) did not start within {STARTUP_S:g} s: "
-                             f"{self.describe_exit()}")
+        answer = self.confirm(wait_s)
+        if answer is not True:
+            raise GuardError(f"the guard (pid {self.proc.pid}) did not start: " +
+                             (f"no answer within {wait_s:g} s" if answer is None else self.describe_exit()))
         self.pet()  # the wait was the guard's start, not a stall of ours (Daemon._guard_ok)
 
     def adopt(self, handover: str) -> None:
@@ -372,7 +373,8 @@ class GuardClient:
         self.started_at = time.monotonic()
         self.loop.add_reader(sock, self._on_readable)
         self._send({"m": "timeout", "ms": self.timeout_ms})
-        if self.confirm(STARTUP_S) is not True:
+        # a guard already running answers at once; the peer waits RESTART_GRACE_MS + deadtime for our beats
+        if self.confirm(RESTART_GRACE_MS / 1000) is not True:
             raise GuardError(f"the guard of the previous daemon (pid {pid}) does not guard any more: "
                              f"{self.describe_exit()}")
         self.pet()

@@ -1,11 +1,13 @@
-"""Logging setup: structlog, human console lines on a terminal, JSON lines otherwise (and in a logfile)."""
+"""Logging setup: structlog, human console lines on a terminal, JSON lines otherwise (and in a logfile); and the
+same JSON lines without structlog for the guard (JsonLines), which must start fast: structlog imports asyncio,
+logging and threading, seconds in an emulated VM (structlog is imported by configure and get, not here)."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import sys
 import time
-
-import structlog
 
 
 class _Tee:
@@ -22,7 +24,38 @@ class _Tee:
     debug = info = warning = error = critical = exception = msg
 
 
+class JsonLines:
+    """The lines configure(json_lines=True) makes (bound fields, the call's fields, event, level, local ISO time),
+    from the standard library alone."""
+
+    def __init__(self, logfile: str | None = None, _tee: _Tee | None = None, **bound):
+        self._tee = _tee if _tee is not None else _Tee(logfile)
+        self._bound = bound
+
+    def bind(self, **fields) -> JsonLines:
+        return JsonLines(_tee=self._tee, **{**self._bound, **fields})
+
+    def _line(self, level: str, event: str, fields: dict) -> None:
+        d = {**self._bound, **fields, "event": event, "level": level,
+             "timestamp": datetime.datetime.now().isoformat()}
+        self._tee.msg(json.dumps(d, default=repr))
+
+    def debug(self, event: str, **fields) -> None:
+        self._line("debug", event, fields)
+
+    def info(self, event: str, **fields) -> None:
+        self._line("info", event, fields)
+
+    def warning(self, event: str, **fields) -> None:
+        self._line("warning", event, fields)
+
+    def error(self, event: str, **fields) -> None:
+        self._line("error", event, fields)
+
+
 def configure(logfile: str | None = None, json_lines: bool | None = None) -> None:
+    import structlog
+
     if json_lines is None:
         json_lines = not sys.stderr.isatty()
     renderer = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
@@ -39,6 +72,8 @@ def configure(logfile: str | None = None, json_lines: bool | None = None) -> Non
 
 
 def get(name: str = "hastore"):
+    import structlog
+
     return structlog.get_logger(name)
 
 

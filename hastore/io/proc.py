@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 
 def start_ticks(pid: int) -> int | None:

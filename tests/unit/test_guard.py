@@ -2,6 +2,7 @@
 a socket pair, what the engine tells it is held, and its configuration keys."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from hastore.config import load, to_toml
 from hastore.config.model import Group, Resource, Timing, default_guard_timeout_ms
 from hastore.core.resources import GroupOps, Policy
-from hastore.io.guard import GuardClient, Stop, Watch
+from hastore.io.guard import GuardClient, GuardError, Stop, Watch
 from hastore.io.proc import start_ticks, with_repo_on_path
 
 from test_config_native import MINIMAL, errors_of, write
@@ -218,18 +219,52 @@ def test_a_re_executed_daemon_adopts_the_guard_and_pets_it(tmp_path, with_page):
     assert not (tmp_path / "stopped").exists()
 
 
-def test_the_guard_starts_without_the_daemon_s_imports():
+# A guard's whole life in one process: main() on one end of a socket pair whose other end said bye; then the modules
+# it had loaded, one per line.
+GUARD_LIFE = """
+import os, socket, sys
+from hastore.io import guard
+ours, theirs = socket.socketpair()
+ours.sendall(b'{"m": "bye"}\\n')
+ours.close()
+rc = guard.main(["--fd", str(theirs.detach()), "--daemon-pid", str(os.getpid()), "--timeout-ms", "1000"])
+print("\\n".join(sorted(sys.modules)))
+sys.exit(rc)
+"""
+
+
+def test_the_guard_runs_without_the_daemon_s_imports():
     """The daemon waits for its guard to answer before it runs (STARTUP_S). Under an emulated VM on a loaded machine
-    each import costs seconds: the guard, importing asyncio and the configuration through hastore.io.agents, once
-    took 8.4 s to start in one guest of a CI run, whose other guest's daemon was gone. It imports the standard
-    library and three small modules of ours."""
-    out = subprocess.run([sys.executable, "-c", "import sys, hastore.io.guard; print(' '.join(sorted(sys.modules)))"],
-                         capture_output=True, text=True, check=True, env=with_repo_on_path(dict(os.environ))).stdout
-    loaded = set(out.split())
+    each import costs seconds: the guard, importing asyncio and the configuration through hastore.io.agents and
+    structlog for its log, once took 8.4 s to start in one guest of a CI run, whose other guest's daemon was gone.
+    Through its whole run (here: started, told bye, exited) it loads the standard library and four small modules of
+    ours."""
+    r = subprocess.run([sys.executable, "-c", GUARD_LIFE], capture_output=True, text=True,
+                       env=with_repo_on_path(dict(os.environ)))
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.split())
+    assert "hastore.io.guard" in loaded
     ours = {m for m in loaded if m.startswith("hastore.")}
-    assert ours <= {"hastore.io", "hastore.io.guard", "hastore.io.proc", "hastore.core", "hastore.core.actions",
-                    "hastore.agentlib", "hastore.agentlib.ocf"}, sorted(ours)
-    assert not loaded & {"asyncio", "ssl", "tomllib", "structlog"}, sorted(loaded & {"asyncio", "ssl", "tomllib"})
+    assert ours <= {"hastore.io", "hastore.io.guard", "hastore.io.proc", "hastore.io.log", "hastore.core",
+                    "hastore.core.actions", "hastore.agentlib", "hastore.agentlib.ocf"}, sorted(ours)
+    heavy = {"asyncio", "ssl", "tomllib", "structlog", "logging"}
+    assert not loaded & heavy, sorted(loaded & heavy)
+
+
+def test_the_guard_s_log_lines_are_the_daemon_s(tmp_path):
+    """The guard writes to the daemon's log without structlog: the same JSON keys in the same order."""
+    from hastore.io import log as hlog
+    r = subprocess.run([sys.executable, "-c", "from hastore.io import log as hlog\n"
+                        "hlog.configure(None, json_lines=True)\n"
+                        "hlog.get().bind(guard_pid=7).warning('self-fencing', reason='stopped g/a', elapsed_ms=12)"],
+                       capture_output=True, text=True, check=True, env=with_repo_on_path(dict(os.environ)))
+    theirs = json.loads(r.stderr)
+    hlog.JsonLines(str(tmp_path / "log")).bind(guard_pid=7).warning("self-fencing", reason="stopped g/a",
+                                                                     elapsed_ms=12)
+    ours = json.loads((tmp_path / "log").read_text())
+    assert list(ours) == list(theirs) == ["guard_pid", "reason", "elapsed_ms", "event", "level", "timestamp"]
+    assert {k: v for k, v in ours.items() if k != "timestamp"} == {k: v for k, v in theirs.items() if k != "timestamp"}
+    assert ours["timestamp"][:10] == theirs["timestamp"][:10] and "T" in ours["timestamp"]
 
 
 def test_a_slow_guard_start_is_not_counted_as_the_daemon_s_silence(tmp_path, monkeypatch):
@@ -246,6 +281,30 @@ def test_a_slow_guard_start_is_not_counted_as_the_daemon_s_silence(tmp_path, mon
         g.close(bye=True)
     t0 = time.monotonic()
     drive(tmp_path, steps)
+
+
+@pytest.mark.parametrize("script, said", [
+    ("sleep 3\nexec {python} \"$@\"", "no answer within 0.5 s"),  # a replacement waits no longer than it may
+    ("exit 4", "exit status 4"),  # one that cannot run at all says so at once
+], ids=["too slow", "exits"])
+def test_a_guard_that_does_not_answer_in_time_is_an_error_that_says_why(tmp_path, monkeypatch, script, said):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n" + script.format(python=sys.executable) + "\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+
+    async def main():
+        client = GuardClient(500, None, lambda: None, asyncio.get_running_loop())
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(GuardError, match=said):
+                client.start(wait_s=0.5)
+            assert time.monotonic() - t0 < 2.5
+        finally:
+            if client.proc is not None and client.proc.poll() is None:
+                os.killpg(client.proc.pid, signal.SIGKILL)  # its own session (start_new_session)
+                client.proc.wait()
+    asyncio.run(main())
 
 
 def test_bye_ends_the_guard_without_fencing(tmp_path):
