@@ -316,6 +316,31 @@ def test_a_holder_that_knows_its_own_interfaces_are_down_releases_a_warntime_lat
     assert not c.overlaps
 
 
+def test_a_stall_that_left_the_ping_node_unasked_does_not_make_the_holder_yield():
+    """Seen in the VM lab under load: alpha's echo replies were late for half a second, then alpha itself did not
+    run for 0.6 s (no pings sent); on waking its last reply was over deadtime old, it counted 0 ping nodes against
+    bravo's 1 and gave its group away. Silence from a ping node that was not asked means nothing: after a stall the
+    count settles once the ping node answers again (or after deadtime of asking)."""
+    c = settled_with_ping_node()
+    assert c.holders("db") == {"alpha"}
+    alpha = c.nodes["alpha"]
+    alpha.sees_pings = set()  # replies lost or late
+    c.advance(0.5)
+    alpha.frozen = True  # and then alpha does not run (bravo hears its beats again before deadtime)
+    alpha.sees_pings = {"10.0.0.254"}
+    c.advance(0.6)
+    alpha.frozen = False
+    c.advance(2.0)
+    assert c.holders("db") == {"alpha"} and not ops(c, "alpha", "stop"), c.reasons("alpha")
+    assert "sees fewer yields" not in c.reasons("alpha")
+    assert c.status("alpha")["ping"]["count"] == 1
+    # the same loss without the stall is a real one: after deadtime without replies alpha yields to bravo
+    c = settled_with_ping_node()
+    c.nodes["alpha"].sees_pings = set()
+    c.advance(2.0)
+    assert c.holders("db") == {"bravo"} and "the node that sees fewer yields" in c.reasons("alpha")
+
+
 def test_isolation_needs_every_link_and_every_ping_route_down_for_warntime():
     # one heartbeat link still usable (say the serial line, whose cable nobody can see pulled): deadtime rules
     c = settled_with_ping_node()
