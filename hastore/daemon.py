@@ -252,9 +252,9 @@ class Daemon:
         try:
             if self.engine.needs_input(self.loop.time()):
                 self.timer_stats["read"] += 1
+                self._read_pings()  # first, and decided on with the links' news and the tick (PingReply.more)
                 self._drain_all(ticks=self.ticks)
                 self.ticks = 0
-                self._read_pings()
             self._quiet_serial()
         finally:
             self.feed(E.Tick(), drained=True)  # whatever went wrong above, the next beat and timer must come
@@ -264,11 +264,16 @@ class Daemon:
             return
         now = self.loop.time()
         since, self.pings_read = self.pings_read, now
+        try:
+            replies = self.pinger.drain()
+        except Exception as e:  # noqa: BLE001 - as for a link (_drain_all): the links and the beat still come
+            self.log.error("ping", detail=f"reading echo replies failed: {e!r}")
+            return
         with self.batch:
-            for address, stamp in self.pinger.drain():
+            for address, stamp in replies:
                 at = arrival(stamp, now, since)
                 for name in self.ping_names.get(address, ()):
-                    self.feed(E.PingReply(name, at))
+                    self.feed(E.PingReply(name, at, more=True))
 
     def _drain_all(self, ticks: int = 0) -> None:
         """Feed what every link holds, UDP first (see drain_order). What these packets decide re-arms nothing

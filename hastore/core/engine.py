@@ -143,6 +143,9 @@ class Engine:
             self.pings.reply(event.address, now if event.at is None else min(event.at, now))
             if still and self.probed:
                 return A.Decision()  # a ping node that was visible stays visible: the count did not change
+            if event.more:
+                self.routine_until = NEVER  # the count changed: what follows runs the whole pass on it
+                return A.Decision()
         elif isinstance(event, (E.LinkState, E.PingRoute)):
             self._local_state(event, now, why)
         elif isinstance(event, E.LinkTrouble):

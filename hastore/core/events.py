@@ -45,6 +45,11 @@ class LinkState:
 class PingReply:
     address: str
     at: float | None = None  # when the reply arrived (the kernel's receive time), if known; else when it was read
+    # More of what the shell read comes before the engine decides (the beat tick reads the echo replies first, then
+    # the links, then ticks): record the reply and leave the pass to the events that follow, so that no pass on
+    # one kind of input judges the other kind unread (a late tick past a ping node's expiry, deciding on a beat
+    # before the reply waiting in the socket was read, made a holder yield its group).
+    more: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ hand-off without overlap, standby and takeover. The fake agent runner records ev
 
 from hastore.cli.main import format_status
 from hastore.config.model import AutoFailback, Group, Resource
+from hastore.core import actions as A
 from hastore.core import events as E
 from hastore.core.resources import Policy
 
@@ -339,6 +340,36 @@ def test_a_stall_that_left_the_ping_node_unasked_does_not_make_the_holder_yield(
     c.nodes["alpha"].sees_pings = set()
     c.advance(2.0)
     assert c.holders("db") == {"bravo"} and "the node that sees fewer yields" in c.reasons("alpha")
+
+
+def test_echo_replies_read_with_a_late_tick_are_decided_on_with_it():
+    """A beat tick late past the ping node's expiry (the machine is loaded, not stalled): the reply waiting in the
+    ICMP socket is read first and recorded without a pass of its own (PingReply.more), so the tick's pass counts
+    it. Deciding before it was read (as a pass on a beat read first did) makes the holder yield."""
+    def late_tick(c, reply_first: bool):
+        alpha = c.nodes["alpha"]
+        alpha.sees_pings = set()
+        c.advance(0.1)
+        last = alpha.engine.pings.last_reply["10.0.0.254"]
+        c.run_until(last + 0.85)  # the ping node still visible (deadtime 1 s)
+        alpha.frozen = True
+        c.run_until(last + 1.1)  # the tick comes 0.25 s late, past the expiry (not a stall: under 2 keepalives)
+        alpha.frozen = False
+        reply = E.PingReply("10.0.0.254", at=c.now - 0.2, more=True)  # it came while the tick was late
+        if reply_first:
+            assert c.deliver(reply, "alpha") == A.Decision()
+        c.deliver(E.Tick(), "alpha")
+        if not reply_first:
+            c.deliver(reply, "alpha")
+        alpha.sees_pings = {"10.0.0.254"}
+        c.advance(2.0)
+
+    c = settled_with_ping_node()
+    late_tick(c, reply_first=True)
+    assert c.holders("db") == {"alpha"} and not ops(c, "alpha", "stop"), c.reasons("alpha")
+    c = settled_with_ping_node()
+    late_tick(c, reply_first=False)
+    assert "the node that sees fewer yields" in c.reasons("alpha")
 
 
 def test_isolation_needs_every_link_and_every_ping_route_down_for_warntime():
