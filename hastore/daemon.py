@@ -245,7 +245,7 @@ class Daemon:
     def _on_timer(self) -> None:
         """The engine's timer: most often our beat. What the quiet links and the ICMP socket hold (routine beats,
         echo replies, all with the kernel's receive time) is read first only when the engine needs it to decide
-        (Engine.needs_input): while all is well, on about one tick in three."""
+        (Engine.needs_input): while all is well, on every second or third tick (see status' timer)."""
         self.timer = None  # fired: whatever comes next must arm a new one
         self.ticks += 1
         self.timer_stats["fired"] += 1

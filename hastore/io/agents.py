@@ -19,6 +19,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hastore.agentlib.ocf import ERR_GENERIC as OCF_GENERIC
+from hastore.agentlib.ocf import ERR_INSTALLED as OCF_NOT_INSTALLED
+from hastore.agentlib.ocf import NOT_RUNNING as OCF_NOT_RUNNING
 from hastore.config.model import Resource
 from hastore.core.actions import TIMEOUT_RC
 from hastore.io.launcher import Launcher, LauncherGone
@@ -69,7 +72,6 @@ POSITIONAL = {
 REQUIRED = {"IPaddr": ("ip",), "Filesystem": ("device", "directory"), "drbd": ("resource",),
             "disklock": ("device",), "mysql": ("datadir",), "nfsserver": ("exports", "shared_dir")}
 ALIASES = {"drbddisk": "drbd", "IPaddr2": "IPaddr"}  # Heartbeat names that mean one of our agents
-OCF_NOT_RUNNING, OCF_GENERIC, OCF_NOT_INSTALLED = 7, 1, 5
 
 
 @dataclass(frozen=True)
