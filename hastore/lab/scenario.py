@@ -183,11 +183,18 @@ def decisions(lab: LabHandle, node: str, contains: str = "") -> list[dict]:
 
 
 def crashes(lab: LabHandle) -> list[str]:
-    """Tracebacks or unexpected exits in the daemons' logs."""
+    """Tracebacks in the daemons' logs (written by the daemon, its guard or an agent), each with the lines that
+    follow it up to the next JSON line: what failed, and where."""
     found = []
     for n in lab.nodes:
-        for e in lab.logs(n):
-            line = e.get("line", "") if e.get("event") == "raw" else ""
-            if "Traceback" in line:
-                found.append(f"{n}: {line}")
+        trace: list[str] | None = None
+        for e in lab.logs(n) + [{}]:
+            line = e.get("line", "") if e.get("event") == "raw" else None
+            if trace is not None and (line is None or "Traceback" in line or len(trace) >= 40):
+                found.append(f"{n}: " + "\n".join(trace))
+                trace = None
+            if line is not None and "Traceback" in line:
+                trace = [line]
+            elif trace is not None and line is not None:
+                trace.append(line)
     return found

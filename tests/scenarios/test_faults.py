@@ -33,7 +33,9 @@ def moved(run, to: str, timeout: float = 30) -> float:
 
 
 def server_pid(lab, node: str) -> int | None:
-    r = lab.node_run(node, ["pgrep", "-x", "mariadbd"])
+    """The newest mariadbd: a server just killed can still be listed (a zombie not yet reaped) beside its successor,
+    which once made the lowest pid the one killed."""
+    r = lab.node_run(node, ["pgrep", "-n", "-x", "mariadbd"])
     return int(r.stdout.split()[0]) if r.returncode == 0 else None
 
 

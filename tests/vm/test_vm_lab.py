@@ -109,6 +109,10 @@ def test_boot_connect_and_initial_sync(vm):
     wait_until("r0 connected", lambda: cstate(vm, "alpha") == "Connected", 30)
     assert dstate(vm, "alpha") == "Inconsistent/Inconsistent"
     capture(vm, "alpha", "secondary-inconsistent")
+    # A fixed resync rate long enough to be seen (each look is a command in a TCG guest): DRBD's own controller
+    # once finished the 256 MiB between two looks in CI
+    for node in ("alpha", "bravo"):
+        sh(vm, node, "drbdadm disk-options --c-plan-ahead=0 --resync-rate=16M r0")
     caught = []
 
     def watch():
