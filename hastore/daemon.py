@@ -79,6 +79,7 @@ class Daemon:
         self.port_claims: list[socket.socket] = []  # held for the daemon's life: see claim_port
         self.batch = _Batch()  # on inside the beat timer's drains (see _on_timer)
         self.ticks = 0  # timer ticks since the links were last read on one (see _on_timer)
+        self.tick_read = False  # on while the beat timer reads the links: the tick decides on what they held
         self.timer_stats = {"fired": 0, "read": 0}  # the engine's timer: how often it fired, and read first
         self.pings_read = 0.0  # loop time of the last collection of echo replies
         self.pinger: Pinger | None = None
@@ -253,7 +254,11 @@ class Daemon:
             if self.engine.needs_input(self.loop.time()):
                 self.timer_stats["read"] += 1
                 self._read_pings()  # first, and decided on with the links' news and the tick (PingReply.more)
-                self._drain_all(ticks=self.ticks)
+                self.tick_read = True  # the packets too (PacketReceived.more)
+                try:
+                    self._drain_all(ticks=self.ticks)
+                finally:
+                    self.tick_read = False
                 self.ticks = 0
             self._quiet_serial()
         finally:
@@ -330,7 +335,7 @@ class Daemon:
         self.feed(E.AgentDone(group, index, op, op_id, rc, detail))
 
     def _on_packet(self, link: str, data: bytes, at: float | None, late: bool) -> None:
-        self.feed(E.PacketReceived(link, data, at, late))
+        self.feed(E.PacketReceived(link, data, at, late, self.tick_read))
 
     def _quiet_serial(self) -> None:
         """A serial line waits for the beat timer only while a quiet UDP link carries the peer's beats: news (a

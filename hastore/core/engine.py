@@ -133,11 +133,17 @@ class Engine:
         out: list[A.Action] = []
         why: list[str] = []
         if isinstance(event, E.PacketReceived):
-            if self._on_packet(event, now, out, why) and not out and not why and self.probed:
+            routine = self._on_packet(event, now, out, why)
+            if routine and not out and not why and self.probed:
                 # The same message again over another link, or a beat that says what the last one said: no
                 # state changed, nothing to decide (nearly every packet while all is well). The time-driven
                 # checks run at next_deadline(), and our own beat's tick runs the whole pass every keepalive.
                 return A.Decision()
+            if event.more and self.probed:
+                # what it said is taken in (its acknowledgement, a notice, a state it changed); the tick that
+                # follows runs the whole pass on it with everything else read
+                self.routine_until = NEVER
+                return A.Decision(tuple(out), "; ".join(w for w in why if w))
         elif isinstance(event, E.PingReply):
             still = self.pings.visible(event.address, now)
             self.pings.reply(event.address, now if event.at is None else min(event.at, now))

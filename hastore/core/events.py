@@ -22,6 +22,11 @@ class PacketReceived:
     data: bytes
     at: float | None = None
     late: bool = False
+    # Read on the beat tick, which decides next (see PingReply.more): the packet is taken in without a pass of its
+    # own, so that no pass judges a link whose packets in the same read still wait their turn (a late tick read
+    # one link's beats, a pass on the first that changed a state saw the other link silent past warntime, and the
+    # next packet brought it back: a warn and an up logged for nothing).
+    more: bool = False
 
 
 @dataclass(frozen=True)

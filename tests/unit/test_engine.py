@@ -428,6 +428,41 @@ def test_serial_frames_read_together_find_the_times_of_their_udp_copies():
     assert {l: lt.last_heard for l, lt in alpha.membership.peers["bravo"].links.items()} == {l: newest for l in LINKS}
 
 
+def test_beats_read_on_a_late_tick_are_decided_on_with_it():
+    """A beat tick late past warntime reads the UDP link's beats, then the serial frames. Taken in without a pass
+    each (PacketReceived.more, as the daemon's beat timer feeds them), the tick decides with all of them: nothing is
+    warned about. A pass on the first packet that changed a state (the UDP link back from warn) judged the serial
+    link before its frames were read: it warned, and the next frame brought it back up."""
+    udp, serial = LINKS
+
+    def late_read(more: bool) -> list[A.Decision]:
+        alpha, bravo, now = _pair_after(2.0)
+        for _ in range(4):  # alpha hears bravo over serial only for 0.8 s: its UDP link turns warn
+            for s in _beats(alpha, now):
+                bravo.handle(E.PacketReceived(s.link, s.data), now + 0.001)
+            for s in _beats(bravo, now):
+                if s.link == serial:
+                    alpha.handle(E.PacketReceived(s.link, s.data), now + 0.001)
+            now += 0.2
+        assert alpha.membership.peers["bravo"].links[udp].state.value == "warn"
+        held = [(_beats(bravo, now + 0.2 * i), now + 0.2 * i + 0.001) for i in range(3)]
+        read_at = held[-1][1] + 0.15  # serial last heard 0.75 s before: past warntime until its frames are read
+        decisions = [alpha.handle(E.PacketReceived(s.link, s.data, came, more=more), read_at)
+                     for sends, came in held for s in sends if s.link == udp]
+        decisions += [alpha.handle(E.PacketReceived(s.link, s.data, None, True, more=more), read_at)
+                      for sends, _ in held for s in sends if s.link == serial]
+        decisions.append(alpha.handle(E.Tick(), read_at))
+        assert {l: lt.state.value for l, lt in alpha.membership.peers["bravo"].links.items()} == {udp: "up",
+                                                                                                   serial: "up"}
+        return decisions
+
+    def kinds(decisions):
+        return [(a.kind, a.link) for d in decisions for a in d.actions if isinstance(a, A.Notify)]
+
+    assert kinds(late_read(more=True)) == [("link-up", udp)]
+    assert ("link-warn", serial) in kinds(late_read(more=False))  # what a pass per packet did
+
+
 def _twin_runs(scenario) -> tuple[FakeCluster, FakeCluster, int]:
     """The same scenario on two clusters: one as built, one whose engines never take the routine tick (every tick
     a full pass). Returns both and how many routine ticks the first took."""

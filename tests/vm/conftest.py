@@ -7,18 +7,20 @@ import json
 
 import pytest
 
-TAIL = 40
+TAIL = 30
+MOVES = 12
 SKIP = {"timestamp", "level", "event"}
 
 
-def guest_log_tail(vm, node: str) -> str:
-    """The last lines of the guest's /var/log/hastore.log above debug, short; lines that are not JSON (a traceback,
-    Python's own complaints before logging was set up) are kept as they are: they say why a daemon is not there."""
+def guest_log(vm, node: str) -> tuple[list[str], list[str]]:
+    """The guest's /var/log/hastore.log above debug, one short line each: (all of them, the decisions that started
+    or stopped a group and the daemon's starts). Lines that are not JSON (a traceback, Python's own complaints
+    before logging was set up) are kept as they are: they say why a daemon is not there."""
     try:
         _, text, _ = vm.exec(node, ["cat", "/var/log/hastore.log"], timeout=30)
     except Exception as e:  # noqa: BLE001 - the guest may be down or its channel broken: say so, never mask the failure
-        return f"(could not read {node}'s /var/log/hastore.log: {e})"
-    out = []
+        return [f"(could not read {node}'s /var/log/hastore.log: {e})"], []
+    out, moves = [], []
     for line in text.splitlines():
         try:
             e = json.loads(line)
@@ -29,7 +31,9 @@ def guest_log_tail(vm, node: str) -> str:
             rest = " ".join(f"{k}={e[k]}" for k in e if k not in SKIP)
             when = str(e.get("timestamp", ""))[11:23]
             out.append(f"{when} {e.get('level', '?'):7} {e.get('event', '')} {rest}"[:400])
-    return "\n".join(out[-TAIL:]) or "(empty)"
+            if e.get("actions") or e.get("event") in ("started", "exiting"):
+                moves.append(out[-1])
+    return out, moves
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -38,6 +42,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = outcome.get_result()
     vm = getattr(item, "funcargs", {}).get("vm")
     if report.when == "call" and report.failed and vm is not None:
-        for node in ("alpha", "bravo"):
+        # Each node's last group moves first, both nodes', then the tails: a CI report cut short keeps what
+        # decided where the groups run.
+        logs = {node: guest_log(vm, node) for node in ("alpha", "bravo")}
+        for node, (_, moves) in logs.items():
+            report.sections.append((f"{node}'s daemon starts and group moves (last {MOVES})",
+                                    "\n".join(moves[-MOVES:]) or "(none)"))
+        for node, (lines, _) in logs.items():
             report.sections.append((f"hastore log of {node} (last {TAIL} lines above debug)",
-                                    guest_log_tail(vm, node)))
+                                    "\n".join(lines[-TAIL:]) or "(empty)"))
