@@ -504,11 +504,19 @@ class Engine:
         a ping node that has not answered by then counts as not seen). Saying "0" or "fewer" earlier, on a loaded
         machine where the first reply was still on its way, made the peer take a group that was not its; and
         after a stall, in which this node sent no pings, a node holding a group yielded it to a peer that saw
-        one ping node more only because nothing had been asked (seen in the VM lab under load)."""
-        if now - self.membership.started < 2 * self.config.timing.keepalive_ms / 1000:
+        one ping node more only because nothing had been asked (seen in the VM lab under load). While no ping node
+        has answered since the daemon started, "none" waits for initdead since the start too: at boot a silence is
+        more often a slow start (an interface still coming up, ARP, a loaded machine) than a cut LAN, "none" is
+        what hands every group to the peer for good when auto_failback is off, and Heartbeat too counts a ping
+        node dead at start only after initdead."""
+        t = self.config.timing
+        if now - self.membership.started < 2 * t.keepalive_ms / 1000:
             return False
-        return (self.pings.count(now) == self.pings.configured
-                or now - self.pings_since >= self.config.timing.deadtime_ms / 1000)
+        if self.pings.count(now) == self.pings.configured:
+            return True
+        if not self.pings.last_reply and now - self.membership.started < t.initdead_ms / 1000:
+            return False
+        return now - self.pings_since >= t.deadtime_ms / 1000
 
     def _cut_off(self, now: float, alive: bool, verdict) -> str:
         """Non-empty (the reason) once this node has seen no ping node and no peer for deadtime: cut off from the

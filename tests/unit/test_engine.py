@@ -136,11 +136,28 @@ def test_ping_group_counts_as_one_when_any_member_answers():
 
 
 def test_preferred_node_without_ping_lets_the_other_start():
+    """alpha sees no ping node from its start: once initdead (2 s) passed without a reply it says so, and bravo
+    takes its group; before that, alpha's silence could be a slow start, and nobody takes it."""
+    c = cluster(ping=("10.0.0.254",))
+    c.nodes["bravo"].sees_pings = {"10.0.0.254"}
+    c.advance(1.5)  # past deadtime, before initdead
+    assert c.holders("web") == set()
+    c.advance(1.0)
+    assert c.holders("web") == {"bravo"}
+    assert "sees fewer ping nodes" in c.reasons("bravo")
+
+
+def test_a_first_echo_reply_later_than_deadtime_at_start_keeps_the_group_on_its_preferred_node():
+    """Both boot together and alpha's first echo reply comes 1.5 s after its start: past deadtime, within
+    initdead. alpha does not say "none" meanwhile, so bravo does not take alpha's group for "fewer" (where
+    auto_failback is off, bravo would have kept it)."""
     c = cluster(ping=("10.0.0.254",))
     c.nodes["bravo"].sees_pings = {"10.0.0.254"}
     c.advance(1.5)
-    assert c.holders("web") == {"bravo"}
-    assert "sees fewer ping nodes" in c.reasons("bravo")
+    c.nodes["alpha"].sees_pings = {"10.0.0.254"}
+    c.advance(2.0)
+    assert c.holders("web") == {"alpha"}
+    assert not [op for op in c.nodes["bravo"].ops_log if op[3] == "start"], c.reasons("bravo")
 
 
 def test_a_slow_first_ping_reply_on_the_preferred_node_does_not_hand_its_group_to_the_peer():
