@@ -76,6 +76,11 @@ class Pending:
 NEVER = float("-inf")  # Engine.routine_until when the next tick must be a full pass
 
 
+def _reason(why: list[str]) -> str:
+    """A decision's reason: its sentences, in order."""
+    return "; ".join(w for w in why if w)
+
+
 class Engine:
     def __init__(self, config: Config, generation: int, now: float, floors: dict[str, int] | None = None,
                  policy: Policy | None = None):
@@ -133,25 +138,16 @@ class Engine:
         out: list[A.Action] = []
         why: list[str] = []
         if isinstance(event, E.PacketReceived):
-            routine = self._on_packet(event, now, out, why)
-            if routine and not out and not why and self.probed:
+            if self._on_packet(event, now, out, why) and not out and not why and self.probed:
                 # The same message again over another link, or a beat that says what the last one said: no
                 # state changed, nothing to decide (nearly every packet while all is well). The time-driven
                 # checks run at next_deadline(), and our own beat's tick runs the whole pass every keepalive.
                 return A.Decision()
-            if event.more and self.probed:
-                # what it said is taken in (its acknowledgement, a notice, a state it changed); the tick that
-                # follows runs the whole pass on it with everything else read
-                self.routine_until = NEVER
-                return A.Decision(tuple(out), "; ".join(w for w in why if w))
         elif isinstance(event, E.PingReply):
             still = self.pings.visible(event.address, now)
             self.pings.reply(event.address, now if event.at is None else min(event.at, now))
             if still and self.probed:
                 return A.Decision()  # a ping node that was visible stays visible: the count did not change
-            if event.more:
-                self.routine_until = NEVER  # the count changed: what follows runs the whole pass on it
-                return A.Decision()
         elif isinstance(event, (E.LinkState, E.PingRoute)):
             self._local_state(event, now, why)
         elif isinstance(event, E.LinkTrouble):
@@ -172,6 +168,11 @@ class Engine:
                        f"before it declares this node dead")
         elif isinstance(event, E.Reload):
             why.append(self._reload(event.config))
+        if isinstance(event, (E.PacketReceived, E.PingReply)) and event.more:
+            # Read on the beat tick, which decides next: what this input decided itself goes out (an
+            # acknowledgement, a notice, a state it changed); the tick runs the whole pass on it with the rest read.
+            self.routine_until = NEVER
+            return A.Decision(tuple(out), _reason(why))
         if not self.probed:
             self._probe(now, out, why)
         self._membership_changes(self.membership.tick(now), out, why)
@@ -185,7 +186,7 @@ class Engine:
         self._send_due(now, out)
         if self.exit_at is not None and now >= self.exit_at:
             out.append(A.Exit(0))
-        reason = "; ".join(w for w in why if w)
+        reason = _reason(why)
         calm = beat and not reason and all(isinstance(a, (A.Send, A.Ping)) for a in out)
         self.routine_until = self._calm_until(now) if calm else NEVER
         return A.Decision(tuple(out), reason)
