@@ -58,6 +58,27 @@ class Exit:
 
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The routine beats of a calm stretch, handed to the shell at once (Engine.plan): it sends each one's actions
+    at its due time on its own and hands control back to the engine at `until` at the latest, or as soon as one
+    of the conditions that keep the engine calm stops holding:
+      - `links`: (peer, link) -> (deadline, extend): a beat from that peer is heard on that link before the
+        deadline; each heard at t moves it to t + extend (warntime: the link stays up);
+      - `pings`: address -> (deadline, extend): likewise for echo replies (the ping node stays visible);
+      - `expected`: per peer, the routine beats it sends next (Verifier.expect): the only datagrams that may come
+        without waking the engine (any other one may be news, or an attack, and goes to it).
+    A beat found more than `late` past its due (the process was stopped) is not sent: the engine decides first,
+    as after any stall. The shell hands back how many of the beats it sent (Engine.unplan) before any other event."""
+
+    beats: tuple[tuple[float, tuple[Send | Ping, ...]], ...]  # (due, actions), in time order
+    until: float
+    links: dict[tuple[str, str], tuple[float, float]] = field(hash=False)
+    pings: dict[str, tuple[float, float]] = field(hash=False)
+    expected: dict[str, list[bytes]] = field(hash=False)
+    late: float = 0.0
+
+
 ROUTINE = (Send, Ping)
 
 

@@ -108,6 +108,7 @@ class Engine:
         self.last_beat_body: dict | None = None  # what our previous beat said (a beat saying the same is no news)
         # Until when a beat tick needs no full pass (see _routine_tick): set after a pass that found all well.
         self.routine_until = NEVER
+        self.planned: A.Plan | None = None  # beats the shell sends on its own (plan) until it hands them back
         self.reported: set[tuple[str, str]] = set()  # one-shot notices, cleared when the condition ends
         # What this node knows it cannot use, and since when: links whose sends fail for a local reason, ping
         # nodes it has no route to (see _isolated).
@@ -124,6 +125,8 @@ class Engine:
         return self.config.peers[0] if self.config.peers else None
 
     def handle(self, event: E.Event, now: float) -> A.Decision:
+        if self.planned is not None:
+            self.unplan(sum(1 for due, _ in self.planned.beats if due <= now))  # the shell should have said
         if now - self.now > 2 * self.config.timing.keepalive_ms / 1000:
             self.pings_since = now  # it runs at least every keepalive (our beat's tick): it was stalled
             self.routine_until = NEVER
@@ -191,7 +194,47 @@ class Engine:
         self.routine_until = self._calm_until(now) if calm else NEVER
         return A.Decision(tuple(out), reason)
 
-    def _calm_until(self, now: float) -> float:
+    def plan(self, now: float, horizon: float, spare: int = 8) -> A.Plan | None:
+        """The routine beats due from now until the calm found by the last full pass could end for a reason other
+        than what is heard, at most `horizon` seconds ahead: signed now, for the shell to send on its own while
+        the engine does not run (see Plan). None when not calm, or when no beat falls in that stretch. The beats
+        take their sequence numbers now: those the shell does not send (unplan) are never used. The peer's next
+        `len(beats) + spare` routine beats are expected (its clock and phase are not ours)."""
+        if self.planned is not None or self.routine_until == NEVER or self.last_beat_body is None:
+            return None
+        until = min(self._calm_until(now, watched=True), now + horizon)
+        if until <= now:
+            return None
+        keepalive, warntime = self.config.timing.keepalive_ms / 1000, self.config.timing.warntime_ms / 1000
+        links = {(peer, link): (lt.last_heard + warntime, warntime)
+                 for peer, track in self.membership.peers.items() for link, lt in track.links.items()}
+        pings = {a: (last + self.pings.window_s, self.pings.window_s) for a, last in self.pings.last_reply.items()
+                 if last + self.pings.window_s > now}
+        if min((d for d, _ in (*links.values(), *pings.values())), default=until) <= now:
+            return None  # already past a condition: the engine decides first
+        beats = []
+        while self.next_beat < until:
+            out: list[A.Action] = []
+            self._broadcast(MsgType.BEAT, "", self.last_beat_body, out)
+            out.extend(A.Ping(a) for a in self.pings.addresses())
+            beats.append((self.next_beat, tuple(out)))
+            self.next_beat += keepalive
+        if not beats:
+            return None
+        self.planned = A.Plan(tuple(beats), until, links, pings, self.verifier.expect(len(beats) + spare), keepalive)
+        return self.planned
+
+    def unplan(self, sent: int) -> None:
+        """The shell stopped sending the planned beats after `sent` of them: the next beat is the first unsent."""
+        planned, self.planned = self.planned, None
+        if planned is None:
+            return
+        if sent > 0:  # the engine did not run meanwhile, but it was not stalled: its beats and pings went out
+            self.now = max(self.now, planned.beats[min(sent, len(planned.beats)) - 1][0])
+        if sent < len(planned.beats):
+            self.next_beat = planned.beats[max(sent, 0)][0]
+
+    def _calm_until(self, now: float, watched: bool = False) -> float:
         """After a full pass that decided nothing but sent a beat: until when another would decide nothing either
         and send the same beat, as long as only beat ticks come and events that change no state (routine beats,
         echo replies from visible ping nodes: they only make times heard later, so once that time is past a tick
@@ -212,11 +255,12 @@ class Engine:
         calm = self.membership.calm_until()
         if calm is None:
             return NEVER
-        times = [calm]
+        times = [float("inf") if watched else calm]
         if self.pings.configured:
             if not self._pings_settled(now) or self.pings.count(now) < self.pings.configured:
                 return NEVER
-            times.append(self.pings.next_expiry(now) or NEVER)
+            if not watched:
+                times.append(self.pings.next_expiry(now) or NEVER)
         for ops in self.ops.values():
             if ops.busy or ops.inflight is not None:
                 return NEVER
@@ -224,7 +268,7 @@ class Engine:
             if t is not None:
                 times.append(t)
         dies = self.membership.next_deadline()
-        if dies is not None:
+        if dies is not None and not watched:
             times.append(dies)
         return min(times)
 
@@ -263,6 +307,8 @@ class Engine:
         return False
 
     def next_deadline(self) -> float:
+        if self.planned is not None:
+            return self.planned.until  # the shell wakes the engine sooner when a condition of the plan fails
         if self.now < self.routine_until and self.next_beat <= self.routine_until:
             return self.next_beat  # every other deadline is at or after routine_until (see _calm_until)
         times = [self.next_beat]

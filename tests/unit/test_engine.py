@@ -14,19 +14,25 @@ from fakecluster import LINKS, FakeCluster, make_config
 T = Timing(keepalive_ms=200, warntime_ms=500, deadtime_ms=1000, initdead_ms=2000)
 
 
-def cluster(**kw) -> FakeCluster:
+def cluster(pump: float = 0.0, **kw) -> FakeCluster:
     cfg = {n: make_config(n, **kw) for n in ("alpha", "bravo")}
-    return FakeCluster(cfg)
+    return FakeCluster(cfg, pump=pump)
 
 
-def settled() -> FakeCluster:
-    c = cluster()
+# The engine decides the same whether it runs every beat tick or hands its routine beats to a beat pump for up to
+# 5 s at a time (Engine.plan; the fake pump in fakecluster.py wakes it only when a plan's condition fails)
+BOTH = pytest.mark.parametrize("pump", [0.0, 5.0], ids=["ticks", "pump"])
+
+
+def settled(pump: float = 0.0) -> FakeCluster:
+    c = cluster(pump)
     c.advance(1.0)
     return c
 
 
-def test_both_nodes_see_each_other_on_every_link_and_preferred_node_starts_the_group():
-    c = settled()
+@BOTH
+def test_both_nodes_see_each_other_on_every_link_and_preferred_node_starts_the_group(pump):
+    c = settled(pump)
     for me, peer in (("alpha", "bravo"), ("bravo", "alpha")):
         st = c.status(me)
         assert st["peers"][peer]["alive"] is True
@@ -38,8 +44,9 @@ def test_both_nodes_see_each_other_on_every_link_and_preferred_node_starts_the_g
     assert "preferred node" in c.reasons("alpha")
 
 
-def test_losing_one_link_changes_nothing_but_that_link():
-    c = settled()
+@BOTH
+def test_losing_one_link_changes_nothing_but_that_link(pump):
+    c = settled(pump)
     c.cut_link(LINKS[0])
     c.advance(5.0)
     st = c.status("bravo")["peers"]["alpha"]
@@ -50,8 +57,9 @@ def test_losing_one_link_changes_nothing_but_that_link():
     assert c.first("bravo", "link-dead") is not None
 
 
-def test_losing_every_link_declares_the_peer_dead_after_deadtime_and_not_before():
-    c = settled()
+@BOTH
+def test_losing_every_link_declares_the_peer_dead_after_deadtime_and_not_before(pump):
+    c = settled(pump)
     t_cut = c.now
     last_beat = max(t for t, to, _, _ in c.wire_log if to == "bravo")
     for link in LINKS:
@@ -65,8 +73,11 @@ def test_losing_every_link_declares_the_peer_dead_after_deadtime_and_not_before(
     # warntime warned first, at the first tick (bravo's beat, every keepalive) after it: no wakeup of its own
     warn_at = c.first("bravo", "peer-warn")
     assert warn_at is not None and 0.5 - 1e-9 <= warn_at - last_beat < 0.5 + 0.2 + 0.001
-    assert any(abs(warn_at - t) < 1e-9 for t, d in c.nodes["bravo"].log
-               if any(isinstance(a, A.Send) for a in d.actions))
+    if pump:  # the pump wakes the engine when the link's warntime passes
+        assert warn_at - last_beat == pytest.approx(0.5)
+    else:
+        assert any(abs(warn_at - t) < 1e-9 for t, d in c.nodes["bravo"].log
+                   if any(isinstance(a, A.Send) for a in d.actions))
     # bravo took the group: the partition makes both hold it (both think the other dead) -- no ping nodes here
     assert "bravo" in c.holders("web")
     reasons = c.reasons("bravo")
@@ -85,8 +96,9 @@ def test_initdead_alone_waits_for_initdead_then_takes_over():
     assert "never heard from within initdead (2000 ms)" in c.reasons("bravo")
 
 
-def test_warntime_warns_without_declaring_dead_when_beats_resume():
-    c = settled()
+@BOTH
+def test_warntime_warns_without_declaring_dead_when_beats_resume(pump):
+    c = settled(pump)
     for link in LINKS:
         c.cut_link(link)
     c.advance(0.45)  # silence = time since the last beat before the cut + 0.45 s + up to one keepalive
@@ -98,8 +110,9 @@ def test_warntime_warns_without_declaring_dead_when_beats_resume():
     assert c.holders("web") == {"alpha"}
 
 
-def test_node_that_sees_no_ping_node_never_takes_over():
-    c = cluster(ping=("10.0.0.254",))
+@BOTH
+def test_node_that_sees_no_ping_node_never_takes_over(pump):
+    c = cluster(pump, ping=("10.0.0.254",))
     c.nodes["alpha"].sees_pings = {"10.0.0.254"}
     c.advance(1.0)
     for link in LINKS:
@@ -112,8 +125,9 @@ def test_node_that_sees_no_ping_node_never_takes_over():
     assert "never takes over while it sees none" in notes[0][1].detail
 
 
-def test_node_that_sees_fewer_ping_nodes_yields_the_group():
-    c = cluster(ping=("10.0.0.254", "10.0.0.253"))
+@BOTH
+def test_node_that_sees_fewer_ping_nodes_yields_the_group(pump):
+    c = cluster(pump, ping=("10.0.0.254", "10.0.0.253"))
     c.nodes["alpha"].sees_pings = {"10.0.0.254", "10.0.0.253"}
     c.nodes["bravo"].sees_pings = {"10.0.0.254", "10.0.0.253"}
     c.advance(1.5)
@@ -125,8 +139,9 @@ def test_node_that_sees_fewer_ping_nodes_yields_the_group():
     assert c.status("alpha")["ping"]["should_yield"] is True
 
 
-def test_ping_group_counts_as_one_when_any_member_answers():
-    c = cluster(ping_groups=(("uplinks", ("10.0.0.1", "10.0.0.2")),))
+@BOTH
+def test_ping_group_counts_as_one_when_any_member_answers(pump):
+    c = cluster(pump, ping_groups=(("uplinks", ("10.0.0.1", "10.0.0.2")),))
     c.nodes["alpha"].sees_pings = {"10.0.0.2"}
     c.nodes["bravo"].sees_pings = {"10.0.0.1", "10.0.0.2"}
     c.advance(1.5)
@@ -135,10 +150,11 @@ def test_ping_group_counts_as_one_when_any_member_answers():
     assert c.holders("web") == {"alpha"}  # equal counts: the preferred node keeps it
 
 
-def test_preferred_node_without_ping_lets_the_other_start():
+@BOTH
+def test_preferred_node_without_ping_lets_the_other_start(pump):
     """alpha sees no ping node from its start: once initdead (2 s) passed without a reply it says so, and bravo
     takes its group; before that, alpha's silence could be a slow start, and nobody takes it."""
-    c = cluster(ping=("10.0.0.254",))
+    c = cluster(pump, ping=("10.0.0.254",))
     c.nodes["bravo"].sees_pings = {"10.0.0.254"}
     c.advance(1.5)  # past deadtime, before initdead
     assert c.holders("web") == set()
@@ -147,11 +163,12 @@ def test_preferred_node_without_ping_lets_the_other_start():
     assert "sees fewer ping nodes" in c.reasons("bravo")
 
 
-def test_a_first_echo_reply_later_than_deadtime_at_start_keeps_the_group_on_its_preferred_node():
+@BOTH
+def test_a_first_echo_reply_later_than_deadtime_at_start_keeps_the_group_on_its_preferred_node(pump):
     """Both boot together and alpha's first echo reply comes 1.5 s after its start: past deadtime, within
     initdead. alpha does not say "none" meanwhile, so bravo does not take alpha's group for "fewer" (where
     auto_failback is off, bravo would have kept it)."""
-    c = cluster(ping=("10.0.0.254",))
+    c = cluster(pump, ping=("10.0.0.254",))
     c.nodes["bravo"].sees_pings = {"10.0.0.254"}
     c.advance(1.5)
     c.nodes["alpha"].sees_pings = {"10.0.0.254"}
@@ -160,10 +177,11 @@ def test_a_first_echo_reply_later_than_deadtime_at_start_keeps_the_group_on_its_
     assert not [op for op in c.nodes["bravo"].ops_log if op[3] == "start"], c.reasons("bravo")
 
 
-def test_a_slow_first_ping_reply_on_the_preferred_node_does_not_hand_its_group_to_the_peer():
+@BOTH
+def test_a_slow_first_ping_reply_on_the_preferred_node_does_not_hand_its_group_to_the_peer(pump):
     """Both start together; alpha's first replies are late (a loaded machine, ARP): until every ping node answered
     or deadtime passed, alpha says nothing about its count, so bravo does not take alpha's group for "fewer"."""
-    c = cluster(ping=("10.0.0.254",))
+    c = cluster(pump, ping=("10.0.0.254",))
     c.nodes["bravo"].sees_pings = {"10.0.0.254"}
     c.advance(0.7)  # past two keepalives, before deadtime (1 s): alpha has no reply yet
     c.nodes["alpha"].sees_pings = {"10.0.0.254"}
@@ -173,8 +191,9 @@ def test_a_slow_first_ping_reply_on_the_preferred_node_does_not_hand_its_group_t
     assert "sees fewer ping nodes" not in c.reasons("bravo")
 
 
-def test_peer_restart_is_seen_as_a_new_generation():
-    c = settled()
+@BOTH
+def test_peer_restart_is_seen_as_a_new_generation(pump):
+    c = settled(pump)
     c.nodes["bravo"].running_daemon = False
     c.advance(0.3)
     c.restart("bravo", make_config("bravo"), generation=2, floors=None)
@@ -185,8 +204,9 @@ def test_peer_restart_is_seen_as_a_new_generation():
     assert c.status("alpha")["peers"]["bravo"]["generation"] == 2
 
 
-def test_a_restart_in_place_asks_the_peer_to_wait_and_a_restart_that_never_comes_back_is_dead_after_grace():
-    c = settled()
+@BOTH
+def test_a_restart_in_place_asks_the_peer_to_wait_and_a_restart_that_never_comes_back_is_dead_after_grace(pump):
+    c = settled(pump)
     assert c.holders("web") == {"alpha"}
     c.deliver(E.Restarting(3000), "alpha")
     c.advance(0.01)
@@ -209,8 +229,9 @@ def test_a_restart_in_place_asks_the_peer_to_wait_and_a_restart_that_never_comes
     assert "bravo" in c.holders("web")
 
 
-def test_replays_from_before_a_restart_prove_nothing():
-    c = settled()
+@BOTH
+def test_replays_from_before_a_restart_prove_nothing(pump):
+    c = settled(pump)
     old = [(link, data) for t, to, link, data in c.wire_log if to == "bravo"]
     c.nodes["alpha"].running_daemon = False  # alpha dies
     c.nodes["bravo"].running_daemon = False
@@ -227,8 +248,9 @@ def test_replays_from_before_a_restart_prove_nothing():
     assert c.first("bravo", "peer-up") is None
 
 
-def test_planned_shutdown_hands_over_without_waiting_for_deadtime():
-    c = settled()
+@BOTH
+def test_planned_shutdown_hands_over_without_waiting_for_deadtime(pump):
+    c = settled(pump)
     t0 = c.now
     c.deliver(E.Shutdown(), "alpha")
     c.advance(2.0)
@@ -243,8 +265,9 @@ def test_planned_shutdown_hands_over_without_waiting_for_deadtime():
     assert stop_done <= start
 
 
-def test_dual_claim_after_a_partition_heals_is_reported():
-    c = settled()
+@BOTH
+def test_dual_claim_after_a_partition_heals_is_reported(pump):
+    c = settled(pump)
     for link in LINKS:
         c.cut_link(link)
     c.advance(3.0)
@@ -257,8 +280,9 @@ def test_dual_claim_after_a_partition_heals_is_reported():
         assert "both nodes claim group web" in notes[0][1].detail
 
 
-def test_every_non_routine_decision_has_a_reason():
-    c = settled()
+@BOTH
+def test_every_non_routine_decision_has_a_reason(pump):
+    c = settled(pump)
     for link in LINKS:
         c.cut_link(link)
     c.advance(3.0)
@@ -268,8 +292,9 @@ def test_every_non_routine_decision_has_a_reason():
                 assert d.reason, d
 
 
-def test_rejected_garbage_is_counted_and_changes_nothing():
-    c = settled()
+@BOTH
+def test_rejected_garbage_is_counted_and_changes_nothing(pump):
+    c = settled(pump)
     for junk in (b"", b"HA", b"\x00" * 200, bytes(range(256))):
         d = c.deliver(E.PacketReceived(LINKS[0], junk), "bravo")
         assert [a.kind for a in d.actions if isinstance(a, A.Notify)] == ["rejected"]
@@ -278,8 +303,9 @@ def test_rejected_garbage_is_counted_and_changes_nothing():
     assert c.holders("web") == {"alpha"}
 
 
-def test_reload_changes_timing_and_says_what_changed():
-    c = settled()
+@BOTH
+def test_reload_changes_timing_and_says_what_changed(pump):
+    c = settled(pump)
     new = make_config("bravo", timing=Timing(100, 300, 600, 1200))
     d = c.deliver(E.Reload(new), "bravo")
     assert "keepalive 200 ms" in d.reason and "keepalive 100 ms" in d.reason
@@ -360,10 +386,11 @@ def test_only_news_is_flagged_as_news():
     assert all(f[FLAGS_OFFSET] & FLAG_NEWS for f in alpha.farewell())
 
 
-def test_the_guard_gets_more_time_only_while_the_peer_is_down():
+@BOTH
+def test_the_guard_gets_more_time_only_while_the_peer_is_down(pump):
     """guard_timeout while the peer may take over (alive, or not heard from yet); initdead - keepalive once it is
     dead or has left: it waits initdead for our beats when it comes back, and its first beat ends the long wait."""
-    c = cluster()
+    c = cluster(pump)
     alpha = c.nodes["alpha"].engine
     assert alpha.guard_timeout()[0] == 800  # initdead: the peer may be up and about to hear us
     c.advance(1.0)
@@ -445,7 +472,8 @@ def test_serial_frames_read_together_find_the_times_of_their_udp_copies():
     assert {l: lt.last_heard for l, lt in alpha.membership.peers["bravo"].links.items()} == {l: newest for l in LINKS}
 
 
-def test_beats_read_on_a_late_tick_are_decided_on_with_it():
+@BOTH
+def test_beats_read_on_a_late_tick_are_decided_on_with_it(pump):
     """A beat tick late past warntime reads the UDP link's beats, then the serial frames. Taken in without a pass
     each (PacketReceived.more, as the daemon's beat timer feeds them), the tick decides with all of them: nothing is
     warned about. A pass on the first packet that changed a state (the UDP link back from warn) judged the serial
@@ -584,3 +612,51 @@ def test_the_routine_tick_matches_full_passes_through_random_trouble(seed):
         assert fast.nodes[name].log == full.nodes[name].log, name
         assert fast.nodes[name].ops_log == full.nodes[name].ops_log, name
     assert fast.wire_log == full.wire_log
+
+
+# --- the beat pump: routine beats handed to the shell (Engine.plan) ----------------------------
+
+
+def test_a_calm_cluster_hands_its_beats_to_the_pump_and_its_engines_rest():
+    runs = {}
+    for pump in (0.0, 5.0):
+        c = settled(pump)
+        handled = {n: c.nodes[n].handled for n in c.nodes}
+        sent = len(c.wire_log)
+        c.advance(20.0)
+        runs[pump] = {n: c.nodes[n].handled - handled[n] for n in c.nodes}, len(c.wire_log) - sent
+        assert c.holders("web") == {"alpha"} and not c.notices("bravo", "link-warn")
+    (ticks, beats_ticked), (pumped, beats_pumped) = runs[0.0], runs[5.0]
+    assert beats_pumped == beats_ticked == 2 * 2 * 100  # both nodes, both links, every 200 ms
+    assert all(n >= 300 for n in ticks.values())  # every beat, every datagram read
+    assert all(n <= 25 for n in pumped.values()), pumped  # a plan's end every 5 s, alpha's monitor every 10 s
+
+
+def test_planned_beats_are_the_routine_beats_the_peer_expects():
+    c = settled(5.0)
+    alpha, bravo = c.nodes["alpha"], c.nodes["bravo"]
+    assert alpha.plan is not None and bravo.plan is not None
+    planned = [a.data for _, actions in alpha.plan.beats for a in actions if isinstance(a, A.Send)]
+    assert len(planned) == 2 * len(alpha.plan.beats) and set(planned) <= set(bravo.plan.expected["alpha"])
+    assert len(bravo.plan.expected["alpha"]) == len(alpha.plan.beats) + 8
+
+
+def test_a_stopped_process_sends_no_stale_beats_when_it_resumes():
+    c = settled(5.0)
+    c.nodes["alpha"].frozen = True  # SIGSTOP: the pump stops with the engine
+    stopped = c.now
+    c.advance(3.0)
+    assert c.first("bravo", "peer-dead") is not None
+    c.nodes["alpha"].frozen = False
+    c.advance(0.001)
+    burst = [d for t, to, _, d in c.wire_log if to == "bravo" and t > stopped]
+    assert len(burst) <= 2  # one beat over each link, from the engine that saw the stall: not the plan's backlog
+    assert c.nodes["alpha"].engine.planned is None or c.nodes["alpha"].plans > 1
+
+
+def test_an_unexpected_datagram_wakes_the_engine_at_once():
+    c = settled(5.0)
+    assert c.nodes["bravo"].plan is not None
+    c.schedule(c.now + 0.0001, "bravo", E.PacketReceived(LINKS[0], b"HA" + bytes(60)))
+    c.advance(0.001)
+    assert [t for t, n in c.notices("bravo", "rejected")] == [pytest.approx(c.now - 0.0009)]

@@ -1,6 +1,10 @@
 """Resource groups on the fake cluster: ordering, rollback, stop escalation, restart-then-failover, adoption,
 hand-off without overlap, standby and takeover. The fake agent runner records every operation it ran."""
 
+import sys
+
+import pytest
+
 from hastore.cli.main import format_status
 from hastore.config.model import AutoFailback, Group, Resource
 from hastore.core import actions as A
@@ -12,12 +16,18 @@ from fakecluster import LINKS, FakeCluster, make_config
 GROUP = Group("db", "alpha", (Resource("disklock", ("/dev/sdb1",)), Resource("Filesystem", ("/dev/sdb2", "/data")),
                               Resource("IPaddr", ("10.0.0.100",)), Resource("mysql")))
 POLICY = Policy(monitor_interval_s=1.0, max_restarts=2, restart_window_s=60.0, stop_retries=2)
+PUMP = 0.0  # set by the fixture below: every test runs with the engine ticking and with a beat pump (Engine.plan)
+
+
+@pytest.fixture(autouse=True, params=[0.0, 5.0], ids=["ticks", "pump"])
+def _pump(request, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "PUMP", request.param)
 
 
 def cluster(auto_failback=AutoFailback.OFF, prerun=None, **kw) -> FakeCluster:
     from dataclasses import replace
     cfg = {n: replace(make_config(n, groups=(GROUP,), **kw), auto_failback=auto_failback) for n in ("alpha", "bravo")}
-    c = FakeCluster(cfg, policy=POLICY)
+    c = FakeCluster(cfg, policy=POLICY, pump=PUMP)
     for node, keys in (prerun or {}).items():
         c.nodes[node].running.update(keys)
     return c
@@ -193,7 +203,7 @@ def test_per_resource_timeouts_intervals_and_group_restart_limit_from_the_model(
     res = (Resource("disklock", ("/dev/sdb1",), start_timeout_ms=5000, monitor_interval_ms=0),
            Resource("mysql", start_timeout_ms=120000, monitor_interval_ms=500, monitor_timeout_ms=3000))
     group = Group("db", "alpha", res, max_restarts=0)
-    c = FakeCluster({n: make_config(n, groups=(group,)) for n in ("alpha", "bravo")}, policy=POLICY)
+    c = FakeCluster({n: make_config(n, groups=(group,)) for n in ("alpha", "bravo")}, policy=POLICY, pump=PUMP)
     c.advance(3.0)
     runs = [a for _, d in c.nodes["alpha"].log for a in d.actions if type(a).__name__ == "RunAgent"]
     starts = {a.index: a.timeout_s for a in runs if a.op == "start"}

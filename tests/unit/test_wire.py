@@ -24,6 +24,7 @@ from hastore.core.wire import (
     _mac,
     encode,
     signing_key,
+    successor,
 )
 
 ME, PEER = "node1", "node2"
@@ -322,3 +323,60 @@ def test_property_restart_makes_earlier_generation_stale(msg: Message, bump: int
     assert v.verify(sign(new), "a").verdict is Verdict.OK
     assert v.verify(sign(old), "b").verdict is Verdict.STALE
     assert Verifier(AUTH, ME, (ME, msg.src), v.generations()).verify(sign(old), "a").verdict is Verdict.STALE
+
+
+# --- routine beats foreseen (Verifier.expect) --------------------------------------------------
+
+
+@settings(max_examples=100)
+@given(st.sampled_from((KEY1, KEY2, ALL_KEYS[2])), st.integers(0, 2**40), st.integers(1, 2**40),
+       st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=8)), max_size=4))
+def test_property_successor_is_the_routine_beat_the_sender_encodes(key: AuthKey, generation: int, seq: int,
+                                                                    body: dict) -> None:
+    news = sign(dataclasses.replace(beat(seq, generation, body=body), news=True), key)
+    for later in (seq + 1, seq + 7):
+        assert successor(news, key, later) == sign(beat(later, generation, body=body), key)
+
+
+def test_expected_beats_verify_without_a_mac_and_a_forgery_of_one_still_fails(monkeypatch) -> None:
+    v = verifier()
+    assert v.verify(sign(dataclasses.replace(beat(10), news=True)), "eth") .verdict is Verdict.OK
+    expected = v.expect(3)
+    assert expected == {PEER: [sign(beat(s)) for s in (11, 12, 13)]}
+
+    def no_mac(*_):
+        raise AssertionError("an expected beat needs no MAC")
+    monkeypatch.setattr("hastore.core.wire._mac", no_mac)
+    got = v.verify(expected[PEER][1], "eth")  # seq 12: one lost on the way is no reason to doubt the next
+    assert (got.verdict, got.message.seq, got.message.news) == (Verdict.OK, 12, False)
+    assert v.verify(expected[PEER][1], "serial").verdict is Verdict.DUPLICATE  # its copy over the other link
+    assert v.verify(expected[PEER][1], "eth").verdict is Verdict.REPLAY
+    assert v.verify(expected[PEER][0], "eth").verdict is Verdict.REPLAY  # 11, older than the 12 taken
+    monkeypatch.undo()
+    forged = bytearray(expected[PEER][2])
+    forged[-1] ^= 1
+    assert v.verify(bytes(forged), "eth").verdict is Verdict.BAD_MAC
+
+
+def test_expectations_follow_the_last_authentic_beat_and_end_with_a_restart_or_new_keys() -> None:
+    v = verifier()
+    v.verify(sign(beat(10)), "eth")
+    v.verify(v.expect(2)[PEER][1], "eth")  # seq 12, taken as expected: the base of what is expected next
+    assert v.expect(1) == {PEER: [sign(beat(13))]}
+    other = {**BEAT_BODY, "g": []}
+    v.verify(sign(dataclasses.replace(beat(14, body=other), news=True)), "eth")  # the peer's state changed
+    assert v.expect(1) == {PEER: [sign(beat(15, body=other))]}
+    old = v.expect(2)[PEER]
+    v.verify(sign(beat(1, generation=8)), "eth")  # the peer restarted: its old generation's beats are stale
+    assert v.verify(old[1], "eth").verdict is Verdict.STALE
+    v.verify(sign(beat(2, generation=8)), "eth")
+    following = v.expect(1)[PEER]
+    v.set_auth(Auth(keys=(KEY2,), active_key=2))  # key 1 is gone: what it signed is no longer expected
+    assert v.expect(1) == {} and v.verify(following[0], "eth").verdict is Verdict.UNKNOWN_KEY
+
+
+def test_acknowledgements_and_requests_are_not_the_base_of_expectations() -> None:
+    v = verifier()
+    v.verify(sign(beat(10)), "eth")
+    v.verify(sign(Message(MsgType.ACK, PEER, ME, 7, 11, ack=3)), "eth")
+    assert v.expect(1) == {PEER: [sign(beat(11))]}  # the beat's successor, though the ACK took 11 (a REPLAY then)
