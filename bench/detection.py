@@ -7,12 +7,12 @@ line's socat stopped) and measures on bravo:
     fault arrived up to one keepalive earlier);
   - timer overshoot: the silence bravo measured when it declared alpha dead, minus deadtime (how late the
     engine's timer fired after the deadline; the target is <= 50 ms median).
-Then idle CPU (% of one core, from /proc/PID/schedstat), wakeups per second and RSS of each daemon over
+Then idle CPU (% of one core, all its threads, from /proc/PID/task/*/schedstat), wakeups per second and RSS of each daemon over
 --idle-seconds at the first profile (with the share of its timer ticks that read the quiet links first), their
 guards' CPU, and for scale what a bare asyncio loop that passes one datagram per keepalive costs on the same
 machine, and one that makes the daemon's system calls and nothing else.
 
-Usage (root): python3 bench/detection.py [--trials 20] [--idle-seconds 60]
+Usage (root): python3 bench/detection.py [--trials 20] [--idle-seconds 60] [--pump]
 """
 
 from __future__ import annotations
@@ -79,15 +79,20 @@ def summary(values: list[float]) -> str:
 
 
 def cpu_ns(pid: int) -> int:
-    """CPU time of a process's main thread in ns (/proc/PID/schedstat: finer than clock ticks)."""
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    """CPU time of a process's threads in ns (/proc/PID/task/*/schedstat: finer than clock ticks): the loop and
+    the beat pump's thread, which both live as long as the daemon."""
+    return sum(int(Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[0])
+               for t in os.listdir(f"/proc/{pid}/task"))
 
 
 def wakeups(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("voluntary_ctxt_switches:"):
-            return int(line.split()[1])
-    return -1
+    """Voluntary context switches of all the process's threads."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        for line in Path(f"/proc/{pid}/task/{t}/status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
 
 
 def rss_kib(pid: int) -> int:
@@ -225,7 +230,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--idle-seconds", type=float, default=60)
+    ap.add_argument("--pump", action="store_true", help="run the daemons with the beat pump on (HASTORE_PUMP=on)")
     args = ap.parse_args()
+    if args.pump:
+        os.environ["HASTORE_PUMP"] = "on"  # the lab's daemons inherit it (hastore.lab.pair)
     if os.geteuid() != 0:
         print("bench/detection.py needs root (network namespaces)", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from hastore.io import log as hlog
 from hastore.io.agents import AgentRunner
 from hastore.io.control import ControlError, ControlServer
 from hastore.io.guard import HANDOVER_ENV, RESTART_GRACE_MS, STARTUP_S, GuardClient, GuardError
+from hastore.io import pump
 from hastore.io.pinger import Pinger
 from hastore.io.state import StateError, StateStore
 from hastore.io.transports import (SerialTransport, Transport, TransportError, UdpTransport, arrival, claim_port,
@@ -41,6 +42,10 @@ _NOTIFY_LEVEL = {"peer-dead": "warning", "peer-warn": "warning", "link-dead": "w
 
 # Notices that are not part of a decision's reason get a log line of their own (rate-limited where noisy).
 _OWN_LINE = ("rejected", "link-trouble", "unacknowledged")
+# How far ahead the engine hands its routine beats to the beat pump at most (Engine.plan): the daemon wakes at
+# least this often, and a daemon frozen while the pump runs stops beating (and petting its guard) by then.
+PUMP_HORIZON_S = 5.0
+PUMP_ENV = "HASTORE_PUMP"  # "on": use the beat pump (not yet the default: see the README)
 
 
 class _Batch:
@@ -98,6 +103,9 @@ class Daemon:
         self.handover = ""  # then: what the new image needs to take over the guard (HANDOVER_ENV)
         self.fenced = False  # the guard fenced this node: nothing more is decided, we exit once it is done
         self.farewell_key: tuple | None = None  # what the guard's farewell datagrams were made for
+        self.pump: pump.Pump | None = None  # the beat pump, when built and turned on (PUMP_ENV)
+        self.pumped: tuple[list, list] | None = None  # while it runs: what its inputs and expectations stand for
+        self.pump_stats: Counter = Counter()  # plans handed to the pump, and why each ended (status' "pump")
         self.stall_ms = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -152,6 +160,9 @@ class Daemon:
             self.pinger = Pinger()
             self.pinger.on_route = self._on_ping_route
             await self.pinger.open()  # replies are collected on the beat timer, see _on_timer
+        if pump.available() and os.environ.get(PUMP_ENV) == "on":
+            self.pump = pump.Pump()
+            loop.add_reader(self.pump.wake_fd, self._on_pump_wake)
         self.runner.start_launcher()
         self.control = ControlServer(self.config.control_socket, self.handle_request)
         await self.control.open()
@@ -182,6 +193,12 @@ class Daemon:
     def _close_io(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if self.pump is not None:
+            self._own_io()
+            if not self.loop.is_closed():
+                self.loop.remove_reader(self.pump.wake_fd)
+            self.pump.close()
+            self.pump = None
         self.runner.cancel_all()
         if self.guard is not None and self.restarting:
             self.handover = self.guard.hand_over()  # the socket outlives exec: the guard sees no EOF
@@ -204,6 +221,7 @@ class Daemon:
     def feed(self, event: E.Event, drained: bool = False) -> None:
         if self.finished is None or self.finished.done():
             return
+        self._own_io()
         if not self.batch.on and not drained:
             self._drain_all()  # decide on every beat that has come, not only on those the last tick read
         loop = self.loop
@@ -236,7 +254,10 @@ class Daemon:
         getattr(self.log, level)("decision", reason=d.reason, **fields)
 
     def _rearm(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._plan_beats(loop.time())
         when = self.engine.next_deadline()
+        if self.pump is not None and self.pump.running:
+            when += self.engine.planned.late  # a backup: the pump wakes us at the plan's end itself
         if self.timer is not None:
             if self.timer.when() == when and not self.timer.cancelled():
                 return
@@ -248,6 +269,7 @@ class Daemon:
         echo replies, all with the kernel's receive time) is read first only when the engine needs it to decide
         (Engine.needs_input): while all is well, on every second or third tick (see status' timer)."""
         self.timer = None  # fired: whatever comes next must arm a new one
+        self._own_io()
         self.ticks += 1
         self.timer_stats["fired"] += 1
         try:
@@ -283,6 +305,7 @@ class Daemon:
     def _drain_all(self, ticks: int = 0) -> None:
         """Feed what every link holds, UDP first (see drain_order). What these packets decide re-arms nothing
         (batch): the caller re-arms once."""
+        self._own_io()
         with self.batch:
             for t in self.drain_order:
                 try:
@@ -296,6 +319,115 @@ class Daemon:
             return
         self._drain_all()
         self._rearm(self.loop)
+
+    # -- the beat pump (hastore.io.pump) -----------------------------------------------------------
+    def _plan_beats(self, now: float) -> None:
+        """While the engine is calm, hand its routine beats for the next stretch to the pump, which wakes the
+        daemon only when something happens (see Engine.plan). Not while any link cannot leave its traffic to it."""
+        if self.pump is None or self.pump.running or self.fenced or self.finished.done():
+            return
+        plan = self.engine.plan(now, PUMP_HORIZON_S)
+        if plan is None:
+            return
+        inputs, owners, hooks = [], [], {}
+        for t in self.drain_order:
+            hook = t.pumped()
+            if hook is None:
+                self.engine.unplan(0)
+                self.pump_stats[f"not while {t.link.id} is busy"] += 1
+                return
+            hooks[t.link.id] = (t, len(inputs), hook)
+            inputs.append(hook[:2])
+            owners.append(t)
+        icmp = {}  # the ICMP sockets, read only where an echo reply is expected
+        watch = {("link", *k): i for i, k in enumerate(plan.links)}
+        watch.update({("ping", a): len(plan.links) + i for i, a in enumerate(plan.pings)})
+        watches = [*plan.links.values(), *plan.pings.values()]
+        expects, meaning = [], []  # meaning: (link, datagram, late) or (None, ping name, False)
+        for peer, datagrams in plan.expected.items():
+            for link, (t, i, hook) in hooks.items():
+                w = watch.get(("link", peer, link))
+                for k, data in enumerate(datagrams if w is not None else ()):
+                    expects.append((i, w, k, t.pump_bytes(data), None))
+                    meaning.append((link, data, hook[1] == pump.STREAM))
+        outputs = []
+        for b, (due, actions) in enumerate(plan.beats):
+            for a in actions:
+                if isinstance(a, A.Send):
+                    t, _, hook = hooks[a.link]
+                    outputs.append((due, b, hook[0], hook[2], t.pump_bytes(a.data)))
+                elif isinstance(a, A.Ping) and self.pinger is not None and a.address in self.ping_targets:
+                    ready = self.pinger.prepare(self.ping_targets[a.address])
+                    if ready is None:
+                        continue
+                    fd, dest, request, reply, source = ready
+                    outputs.append((due, b, fd, dest, request))
+                    if ("ping", a.address) in watch:
+                        if fd not in icmp:
+                            icmp[fd] = len(inputs)
+                            inputs.append((fd, pump.ICMP))
+                            owners.append(None)
+                        expects.append((icmp[fd], watch[("ping", a.address)], -1, reply, source))
+                        meaning.append((None, a.address, False))
+        g = self.guard
+        pets = g.pet_fd if g is not None and g.pets is not None and not g.gone else None
+        try:
+            self.pump.start(outputs, inputs, expects, watches, plan.until, plan.late, pets,
+                            max(map(len, plan.expected.values()), default=0))
+        except (OSError, ValueError, RuntimeError) as e:
+            self.engine.unplan(0)
+            self.log.error("pump", detail=f"the beat pump refused a plan: {e!r}; beating from the loop")
+            self.pump = None
+            return
+        self.pumped = (owners, meaning)
+        self.pump_stats["plans"] += 1
+
+    def _own_io(self) -> None:
+        """Before the daemon reads a link or decides anything: stop the pump, and take in what it did meanwhile."""
+        if self.pump is None or not self.pump.running:
+            return
+        taken = self.pump.stop()
+        owners, meaning = self.pumped
+        self.pumped = None
+        self.pump_stats[taken.why] += 1
+        self.engine.unplan(taken.sent)
+        for t in self.transports.values():
+            t.stats["sent"] += taken.sent
+        if self.guard is not None and taken.last_pet:
+            self.guard.last_sent = max(self.guard.last_sent, taken.last_pet)
+        packets = []
+        with self.batch:
+            for e, at in taken.matches:
+                link, what, late = meaning[e]
+                if link is None:
+                    self.feed(E.PingReply(what, at, more=True), drained=True)
+                else:
+                    packets.append(E.PacketReceived(link, what, at, late, True))
+            for i, data, at in taken.others:
+                t = owners[i]
+                if isinstance(t, SerialTransport):
+                    packets += [E.PacketReceived(t.link.id, frame, at, True, True) for frame in t.frames(data)]
+                elif t is not None and data:
+                    packets.append(E.PacketReceived(t.link.id, data, at, False, True))
+            packets.sort(key=lambda ev: bytes(ev.data[14:22]))  # the verifier's marks see them in sequence (all
+            # but garbage come from the peer, whose seq numbers grow), whichever link and way they came in
+            for ev in packets:
+                self.feed(ev, drained=True)
+
+    def _on_pump_wake(self) -> None:
+        """The pump stopped on its own (see hastore.io.pump): a tick, with what it did taken in first."""
+        if self.pump is None:
+            return
+        if not self.pump.running:  # taken meanwhile (an event, the backup timer): nothing left to do
+            try:
+                os.eventfd_read(self.pump.wake_fd)
+            except BlockingIOError:
+                pass
+            return
+        self._own_io()
+        if self.timer is not None:
+            self.timer.cancel()
+        self._on_timer()
 
     def _execute(self, a: A.Action) -> None:
         if isinstance(a, A.Send):
@@ -474,6 +606,7 @@ class Daemon:
             status["links"] = {lid: dict(t.stats) for lid, t in self.transports.items()}
             status["guard"] = self.guard.status() if self.guard is not None else None
             status["timer"] = dict(self.timer_stats)
+            status["pump"] = {"on": self.pump is not None, **self.pump_stats}
             return {"ok": True, "status": status}
         if cmd == "reload":
             return self.reload()

@@ -109,6 +109,7 @@ class Engine:
         # Until when a beat tick needs no full pass (see _routine_tick): set after a pass that found all well.
         self.routine_until = NEVER
         self.planned: A.Plan | None = None  # beats the shell sends on its own (plan) until it hands them back
+        self.plan_seq = 0  # our seq before the planned beats
         self.reported: set[tuple[str, str]] = set()  # one-shot notices, cleared when the condition ends
         # What this node knows it cannot use, and since when: links whose sends fail for a local reason, ping
         # nodes it has no route to (see _isolated).
@@ -198,7 +199,8 @@ class Engine:
         """The routine beats due from now until the calm found by the last full pass could end for a reason other
         than what is heard, at most `horizon` seconds ahead: signed now, for the shell to send on its own while
         the engine does not run (see Plan). None when not calm, or when no beat falls in that stretch. The beats
-        take their sequence numbers now: those the shell does not send (unplan) are never used. The peer's next
+        take their sequence numbers now; those the shell did not send go to the beats that follow (unplan), so
+        the peer's next routine beats stay in line with what it expects of us. The peer's next
         `len(beats) + spare` routine beats are expected (its clock and phase are not ours)."""
         if self.planned is not None or self.routine_until == NEVER or self.last_beat_body is None:
             return None
@@ -212,7 +214,7 @@ class Engine:
                  if last + self.pings.window_s > now}
         if min((d for d, _ in (*links.values(), *pings.values())), default=until) <= now:
             return None  # already past a condition: the engine decides first
-        beats = []
+        beats, self.plan_seq = [], self.seq
         while self.next_beat < until:
             out: list[A.Action] = []
             self._broadcast(MsgType.BEAT, "", self.last_beat_body, out)
@@ -225,10 +227,13 @@ class Engine:
         return self.planned
 
     def unplan(self, sent: int) -> None:
-        """The shell stopped sending the planned beats after `sent` of them: the next beat is the first unsent."""
+        """The shell stopped sending the planned beats after `sent` of them (a beat it began to send counts, even
+        if a link failed it): the next beat is the first unsent, with its sequence number. The unsent ones never
+        left this process, so no datagram with those numbers was seen anywhere."""
         planned, self.planned = self.planned, None
         if planned is None:
             return
+        self.seq = self.plan_seq + min(max(sent, 0), len(planned.beats))
         if sent > 0:  # the engine did not run meanwhile, but it was not stalled: its beats and pings went out
             self.now = max(self.now, planned.beats[min(sent, len(planned.beats)) - 1][0])
         if sent < len(planned.beats):

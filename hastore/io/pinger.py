@@ -20,6 +20,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable
 
+from hastore.io.pump import raw_sockaddr
 from hastore.io.transports import _TIMESPEC, LOCAL_DOWN, SO_TIMESTAMPNS, _stamp
 
 ECHO_REQUEST = {socket.AF_INET: 8, socket.AF_INET6: 128}
@@ -94,8 +95,9 @@ class _Prober:
         res = fcntl.ioctl(self.sock.fileno(), SIOCGIFINDEX, struct.pack("16si", name.encode(), 0))
         return struct.unpack_from("16si", res)[1]
 
-    def ping(self, address: str, sockaddr: tuple, normalised: str) -> int:
-        """Sends one echo request; 0, or the errno of a send that failed (no reply will come then)."""
+    def packet(self, address: str, normalised: str) -> tuple[bytes, bytes]:
+        """The next echo request to `address`, remembered for matching its reply, and that reply's ICMP message
+        (its checksum left 0: the beat pump compares all but that)."""
         self.seq = (self.seq + 1) & 0xFFFF
         header = _HDR.pack(ECHO_REQUEST[self.family], 0, 0, self.ident, self.seq)
         # The kernel computes it for ICMPv6 and for ping (dgram) sockets; only a raw IPv4 socket sends ours.
@@ -104,6 +106,11 @@ class _Prober:
         self.sent[self.seq] = (normalised, address)
         while len(self.sent) > OUTSTANDING:
             self.sent.popitem(last=False)
+        return packet, _HDR.pack(ECHO_REPLY[self.family], 0, 0, self.ident, self.seq) + PAYLOAD
+
+    def ping(self, address: str, sockaddr: tuple, normalised: str) -> int:
+        """Sends one echo request; 0, or the errno of a send that failed (no reply will come then)."""
+        packet, _ = self.packet(address, normalised)
         try:
             self.sock.sendto(packet, sockaddr)
         except OSError as exc:  # unreachable, no buffer space, ...: no reply is the answer
@@ -203,18 +210,39 @@ class Pinger:
             out += prober.replies()
         return out
 
+    def _target(self, address: str) -> tuple[_Prober, tuple, str] | None:
+        """The prober, socket address and normalised address for a ping target; None when it cannot be pinged.
+        Raises ValueError (not an address) or OSError (unknown scope interface)."""
+        ip, version, scope = _parse(address)  # cached: pinged every keepalive
+        family = socket.AF_INET6 if version == 6 else socket.AF_INET
+        prober = self._probers.get(family)
+        if prober is None:
+            return None
+        if family == socket.AF_INET6:
+            scope_id = int(scope) if scope.isdigit() else prober.ifindex(scope) if scope else 0
+            return prober, (ip, 0, 0, scope_id), ip
+        return prober, (ip, 0), ip
+
+    def prepare(self, address: str) -> tuple[int, bytes, bytes, bytes, bytes] | None:
+        """For the beat pump: (socket fd, raw destination, echo request, its reply's ICMP message, the source the
+        reply must come from) of the next ping to `address`, remembered like a ping sent; None if it cannot be."""
+        try:
+            target = self._target(address)
+        except (ValueError, OSError):
+            return None
+        if target is None:
+            return None
+        prober, sockaddr, ip = target
+        packet, reply = prober.packet(address, ip)
+        return (prober.sock.fileno(), raw_sockaddr(prober.family, sockaddr), packet, reply,
+                socket.inet_pton(prober.family, ip))
+
     def ping(self, address: str) -> None:
         try:
-            ip, version, scope = _parse(address)  # cached: pinged every keepalive
-            family = socket.AF_INET6 if version == 6 else socket.AF_INET
-            prober = self._probers.get(family)
-            if prober is None:
+            target = self._target(address)
+            if target is None:
                 return
-            if family == socket.AF_INET6:
-                scope_id = int(scope) if scope.isdigit() else prober.ifindex(scope) if scope else 0
-                sockaddr: tuple = (ip, 0, 0, scope_id)
-            else:
-                sockaddr = (ip, 0)
+            prober, sockaddr, ip = target
             failed = prober.ping(address, sockaddr, ip)
         except (ValueError, OSError):  # not an address, unknown scope interface
             return

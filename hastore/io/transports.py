@@ -37,6 +37,8 @@ import serial
 
 from hastore.config.model import Link, LinkKind
 from hastore.core.framing import FrameDecoder, encode_frame
+from hastore.io import pump
+from hastore.io.pump import raw_sockaddr
 from hastore.core.wire import FLAG_NEWS, FLAGS_OFFSET
 
 OnPacket = Callable[[str, bytes, "float | None", bool], None]  # link id, data, kernel receive time, read late
@@ -94,6 +96,15 @@ class Transport:
         """Where a datagram for this link goes, for another process to send one (the guard's farewell): None
         when that needs this transport itself."""
         return None
+
+    def pumped(self) -> tuple[int, int, bytes | None] | None:
+        """(fd the beat pump reads, its kind of input, raw destination or None to write()) while this link can
+        leave its routine traffic to the pump (hastore.io.pump): quiet, nothing pending. None otherwise."""
+        return None
+
+    def pump_bytes(self, data: bytes) -> bytes:
+        """What goes on the wire for one payload (a serial line frames it)."""
+        return data
 
     def drain(self, ticks: int = 0) -> None:
         """Deliver whatever waits to be read (quiet mode: the daemon calls this before any decision but a beat tick's,
@@ -372,6 +383,15 @@ class UdpTransport(Transport):
             return None
         return {"family": int(self._family), "interface": self.link.interface, "dest": list(dest)}
 
+    def pumped(self) -> tuple[int, int, bytes | None] | None:
+        if self._sock is None or self._news is None or self._flooded or self._unjoined:
+            return None
+        try:
+            dest = raw_sockaddr(self._family, self._destination())
+        except OSError:
+            return None
+        return self._sock.fileno(), pump.DGRAM, dest
+
     def drain(self, ticks: int = 0) -> None:
         """Deliver what both sockets hold, in the order the kernel received it (so that the verifier's replay
         marks see a news message and the routine beats around it in sequence). A flood at the port (junk needs
@@ -522,6 +542,22 @@ class SerialTransport(Transport):
                 self._loop.remove_reader(self._fd)
             else:
                 self._loop.add_reader(self._fd, self._readable)  # level-triggered: what waits is read at once
+
+    def pumped(self) -> tuple[int, int, bytes | None] | None:
+        if not self.quiet or self._fd is None or self._queue:
+            return None
+        return self._fd, pump.STREAM, None
+
+    def pump_bytes(self, data: bytes) -> bytes:
+        return encode_frame(data)
+
+    def frames(self, data: bytes) -> list[bytes]:
+        """The payloads in bytes the pump read off the line and did not expect (its framer goes on from there)."""
+        dec = self._decoder
+        payloads = dec.feed(data)
+        self.stats["bad_frames"], self.stats["garbage_bytes"] = dec.bad_frames, dec.garbage_bytes
+        self.stats["received"] += len(payloads)
+        return payloads
 
     def drain(self, ticks: int = 0) -> None:
         if not self.quiet or self._fd is None:
