@@ -230,7 +230,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--idle-seconds", type=float, default=60)
-    ap.add_argument("--pump", action="store_true", help="run the daemons with the beat pump on (HASTORE_PUMP=on)")
+    ap.add_argument("--pump", action="store_true", help="run the daemons with the beat pump (HASTORE_PUMP=on)")
     args = ap.parse_args()
     if args.pump:
         os.environ["HASTORE_PUMP"] = "on"  # the lab's daemons inherit it (hastore.lab.pair)

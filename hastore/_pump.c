@@ -38,6 +38,7 @@ typedef struct {
     pthread_cond_t cv;
     int started, closing, active, wake_fd;
     Output *out; int nout, next_out, sent;
+    int failed, failed_errno;  /* the first output whose send failed, or -1 */
     Input *in; int nin;
     Expect *ex; int nex;
     Watch *w; int nw;
@@ -61,6 +62,7 @@ static void clear_plan(Pump *p) {
     p->out = NULL; p->in = NULL; p->ex = NULL; p->w = NULL; p->tag_at = NULL; p->pet = NULL;
     p->nout = p->nin = p->nex = p->nw = p->ntags = p->nothers = 0;
     p->next_out = p->sent = 0; p->active = 0; p->why[0] = 0;
+    p->failed = -1; p->failed_errno = 0;
 }
 
 static void finish(Pump *p, const char *why) {
@@ -177,12 +179,16 @@ static void step(Pump *p) {
             o = &p->out[p->next_out];
             ssize_t n = o->alen ? sendto(o->fd, o->data, o->len, MSG_DONTWAIT, (struct sockaddr *)&o->addr, o->alen)
                                 : write(o->fd, o->data, o->len);
-            if (n != o->len) {
-                char why[128];
-                snprintf(why, sizeof why, "a send failed (%s)", n < 0 ? strerror(errno) : "short");
-                finish(p, why);
-                return;
+            if (n != o->len && p->failed < 0) {  /* the beat still goes out over the other links */
+                p->failed = p->next_out;
+                p->failed_errno = n < 0 ? errno : EAGAIN;
             }
+        }
+        if (p->failed >= 0) {
+            char why[128];
+            snprintf(why, sizeof why, "a send failed (%s)", strerror(p->failed_errno));
+            finish(p, why);
+            return;
         }
         if (p->pet) { *p->pet = now / 1e9; p->last_pet = now; }
     }
@@ -306,7 +312,8 @@ static PyObject *Pump_stop(Pump *p, PyObject *unused) {
         if (!t || PyList_Append(others, t) < 0) { Py_XDECREF(t); goto done; }
         Py_DECREF(t);
     }
-    res = Py_BuildValue("(iLOOs)", p->sent, (long long)p->last_pet, matches, others, was ? "stopped" : p->why);
+    res = Py_BuildValue("(iLOOsii)", p->sent, (long long)p->last_pet, matches, others, was ? "stopped" : p->why,
+                        p->failed, p->failed_errno);
 done:
     Py_XDECREF(matches); Py_XDECREF(others);
     clear_plan(p);
@@ -350,7 +357,8 @@ static PyMethodDef Pump_methods[] = {
     {"start", (PyCFunction)Pump_start, METH_VARARGS,
      "start(outputs, inputs, expects, watches, until_ns, late_ns, pet_fd, ntags): run a plan (replaces any)"},
     {"stop", (PyCFunction)Pump_stop, METH_NOARGS,
-     "stop() -> (beats sent, last pet ns, [(expect, at ns)] newest per watch, [(input, bytes, at ns)], why)"},
+     "stop() -> (beats sent, last pet ns, [(expect, at ns)] newest per watch, [(input, bytes, at ns)], why, "
+     "failed output or -1, its errno)"},
     {"close", (PyCFunction)Pump_close, METH_NOARGS, "stop the thread"},
     {NULL}};
 

@@ -45,6 +45,7 @@ _OWN_LINE = ("rejected", "link-trouble", "unacknowledged")
 # How far ahead the engine hands its routine beats to the beat pump at most (Engine.plan): the daemon wakes at
 # least this often, and a daemon frozen while the pump runs stops beating (and petting its guard) by then.
 PUMP_HORIZON_S = 5.0
+AWAITED_PINGS = 8  # per ping node: echo requests sent before a plan whose replies it still matches
 PUMP_ENV = "HASTORE_PUMP"  # "on": use the beat pump (not yet the default: see the README)
 
 
@@ -104,7 +105,7 @@ class Daemon:
         self.fenced = False  # the guard fenced this node: nothing more is decided, we exit once it is done
         self.farewell_key: tuple | None = None  # what the guard's farewell datagrams were made for
         self.pump: pump.Pump | None = None  # the beat pump, when built and turned on (PUMP_ENV)
-        self.pumped: tuple[list, list] | None = None  # while it runs: what its inputs and expectations stand for
+        self.pumped: tuple[list, list, list] | None = None  # while it runs: its inputs, expectations, outputs
         self.pump_stats: Counter = Counter()  # plans handed to the pump, and why each ended (status' "pump")
         self.stall_ms = 0
 
@@ -195,10 +196,7 @@ class Daemon:
             self.timer.cancel()
         if self.pump is not None:
             self._own_io()
-            if not self.loop.is_closed():
-                self.loop.remove_reader(self.pump.wake_fd)
-            self.pump.close()
-            self.pump = None
+            self._drop_pump()
         self.runner.cancel_all()
         if self.guard is not None and self.restarting:
             self.handover = self.guard.hand_over()  # the socket outlives exec: the guard sees no EOF
@@ -350,25 +348,33 @@ class Daemon:
                 for k, data in enumerate(datagrams if w is not None else ()):
                     expects.append((i, w, k, t.pump_bytes(data), None))
                     meaning.append((link, data, hook[1] == pump.STREAM))
-        outputs = []
+        def expect_reply(name: str, fd: int, reply: bytes, source: bytes) -> None:
+            if fd not in icmp:
+                icmp[fd] = len(inputs)
+                inputs.append((fd, pump.ICMP))
+                owners.append(None)
+            expects.append((icmp[fd], watch[("ping", name)], -1, reply, source))
+            meaning.append((None, name, False))
+        for name in plan.pings:  # replies still due to echo requests sent before this plan (by the loop or a pump)
+            if name in self.ping_targets and self.pinger is not None:
+                for fd, reply, source in self.pinger.awaited(self.ping_targets[name], AWAITED_PINGS):
+                    expect_reply(name, fd, reply, source)
+        outputs, senders = [], []  # senders: the transport of each output (None: a ping)
         for b, (due, actions) in enumerate(plan.beats):
             for a in actions:
                 if isinstance(a, A.Send):
                     t, _, hook = hooks[a.link]
                     outputs.append((due, b, hook[0], hook[2], t.pump_bytes(a.data)))
+                    senders.append(t)
                 elif isinstance(a, A.Ping) and self.pinger is not None and a.address in self.ping_targets:
                     ready = self.pinger.prepare(self.ping_targets[a.address])
                     if ready is None:
                         continue
                     fd, dest, request, reply, source = ready
                     outputs.append((due, b, fd, dest, request))
+                    senders.append(None)
                     if ("ping", a.address) in watch:
-                        if fd not in icmp:
-                            icmp[fd] = len(inputs)
-                            inputs.append((fd, pump.ICMP))
-                            owners.append(None)
-                        expects.append((icmp[fd], watch[("ping", a.address)], -1, reply, source))
-                        meaning.append((None, a.address, False))
+                        expect_reply(a.address, fd, reply, source)
         g = self.guard
         pets = g.pet_fd if g is not None and g.pets is not None and not g.gone else None
         try:
@@ -377,22 +383,32 @@ class Daemon:
         except (OSError, ValueError, RuntimeError) as e:
             self.engine.unplan(0)
             self.log.error("pump", detail=f"the beat pump refused a plan: {e!r}; beating from the loop")
-            self.pump = None
+            self._drop_pump()
             return
-        self.pumped = (owners, meaning)
+        self.pumped = (owners, meaning, senders)
         self.pump_stats["plans"] += 1
+
+    def _drop_pump(self) -> None:
+        p, self.pump = self.pump, None
+        if not self.loop.is_closed():
+            self.loop.remove_reader(p.wake_fd)
+        p.close()
 
     def _own_io(self) -> None:
         """Before the daemon reads a link or decides anything: stop the pump, and take in what it did meanwhile."""
         if self.pump is None or not self.pump.running:
             return
         taken = self.pump.stop()
-        owners, meaning = self.pumped
+        owners, meaning, senders = self.pumped
         self.pumped = None
         self.pump_stats[taken.why] += 1
         self.engine.unplan(taken.sent)
         for t in self.transports.values():
             t.stats["sent"] += taken.sent
+        if taken.failed is not None and senders[taken.failed[0]] is not None:
+            # as if the loop had sent it: reported, and a link that cannot be used here is down (LinkState): no
+            # plan while it is (Transport.pumped), the loop's own sends find out when it is back
+            senders[taken.failed[0]].pump_failed(taken.failed[1])
         if self.guard is not None and taken.last_pet:
             self.guard.last_sent = max(self.guard.last_sent, taken.last_pet)
         packets = []

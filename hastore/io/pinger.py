@@ -237,6 +237,21 @@ class Pinger:
         return (prober.sock.fileno(), raw_sockaddr(prober.family, sockaddr), packet, reply,
                 socket.inet_pton(prober.family, ip))
 
+    def awaited(self, address: str, count: int) -> list[tuple[int, bytes, bytes]]:
+        """For the beat pump: (socket fd, reply's ICMP message, source) of the last `count` echo requests to
+        `address` not answered yet, whoever sent them: their replies may come while it reads the socket."""
+        try:
+            target = self._target(address)
+        except (ValueError, OSError):
+            return []
+        if target is None:
+            return []
+        prober, _, ip = target
+        source = socket.inet_pton(prober.family, ip)
+        seqs = [seq for seq, (_, given) in reversed(prober.sent.items()) if given == address][:count]
+        return [(prober.sock.fileno(), _HDR.pack(ECHO_REPLY[prober.family], 0, 0, prober.ident, seq) + PAYLOAD,
+                 source) for seq in seqs]
+
     def ping(self, address: str) -> None:
         try:
             target = self._target(address)

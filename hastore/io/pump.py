@@ -38,6 +38,7 @@ class Taken:
     matches: list[tuple[int, float]]  # (expect index, arrival in monotonic seconds): the newest per watch
     others: list[tuple[int, bytes, float]]  # (input index, bytes, when read or received) it did not expect
     why: str  # why it stopped on its own, or "stopped"
+    failed: tuple[int, int] | None = None  # (output index, errno) of the first send that failed
 
 
 class Pump:
@@ -61,14 +62,14 @@ class Pump:
         self.running = True
 
     def stop(self) -> Taken:
-        sent, pet, matches, others, why = self._native.stop()
+        sent, pet, matches, others, why, failed, errno = self._native.stop()
         self.running = False
         try:
             os.eventfd_read(self.wake_fd)
         except BlockingIOError:
             pass
         return Taken(sent, pet / 1e9 if pet else None, [(e, t / 1e9) for e, t in matches],
-                     [(i, d, t / 1e9) for i, d, t in others], why)
+                     [(i, d, t / 1e9) for i, d, t in others], why, (failed, errno) if failed >= 0 else None)
 
     def close(self) -> None:
         self._native.close()

@@ -106,6 +106,12 @@ class Transport:
         """What goes on the wire for one payload (a serial line frames it)."""
         return data
 
+    def pump_failed(self, code: int) -> None:
+        """A send of the beat pump's on this link failed (errno `code`): reported and judged as one of ours."""
+        where = self.link.interface or self.link.device
+        self._send_failed(f"send on {where} failed: {_describe(OSError(code, os.strerror(code)))}",
+                          down=code in LOCAL_DOWN)
+
     def drain(self, ticks: int = 0) -> None:
         """Deliver whatever waits to be read (quiet mode: the daemon calls this before any decision but a beat tick's,
         and on a beat tick when the engine needs what arrived, saying how many ticks passed since such a drain)."""
@@ -384,7 +390,7 @@ class UdpTransport(Transport):
         return {"family": int(self._family), "interface": self.link.interface, "dest": list(dest)}
 
     def pumped(self) -> tuple[int, int, bytes | None] | None:
-        if self._sock is None or self._news is None or self._flooded or self._unjoined:
+        if self._sock is None or self._news is None or self._flooded or self._unjoined or self.down:
             return None
         try:
             dest = raw_sockaddr(self._family, self._destination())
@@ -544,7 +550,7 @@ class SerialTransport(Transport):
                 self._loop.add_reader(self._fd, self._readable)  # level-triggered: what waits is read at once
 
     def pumped(self) -> tuple[int, int, bytes | None] | None:
-        if not self.quiet or self._fd is None or self._queue:
+        if not self.quiet or self._fd is None or self._queue or self.down:
             return None
         return self._fd, pump.STREAM, None
 

@@ -53,7 +53,30 @@ def test_both_nodes_see_each_other_on_both_links_and_one_holds_the_group(pair):
     assert group_owner(pair.status("alpha")) == "alpha"
 
 
-def test_while_all_is_well_a_beat_tick_reads_the_quiet_links_only_now_and_then(pair):
+@pytest.fixture
+def pumped(monkeypatch):
+    """Daemons started after this (the pair fixture, requested after it) use the beat pump (HASTORE_PUMP)."""
+    monkeypatch.setenv("HASTORE_PUMP", "on")
+
+
+def test_with_the_pump_the_loop_leaves_its_beats_to_it_while_all_is_well(pumped, pair):
+    """status["timer"] and ["pump"]: the beats go out every keepalive while the engine's timer hardly fires."""
+    pair.wait_for("alpha", lambda s: group_owner(s) == "alpha", timeout=10)
+    before = pair.status("alpha")
+    time.sleep(3.0)
+    after = pair.status("alpha")
+    fired = after["timer"]["fired"] - before["timer"]["fired"]
+    assert after["pump"]["on"] and after["pump"]["plans"] >= 1, after["pump"]
+    assert fired <= 3, (before["timer"], after["timer"])  # a plan's end every 5 s, a monitor every 10 s: not ~15
+    for link, stats in after["links"].items():
+        sent = stats["sent"] - before["links"][link]["sent"]
+        assert 3.0 / KEEPALIVE * 0.8 <= sent <= 3.0 / KEEPALIVE * 1.2 + 1, (link, sent)
+    peer = after["peers"]["bravo"]
+    assert peer["alive"] and all(v["up"] for v in peer["links"].values()), peer
+    assert not [e for e in pair.events("bravo") if e.get("event") == "rejected"]
+
+
+def test_without_the_pump_a_beat_tick_reads_the_quiet_links_only_now_and_then(pair):
     """status["timer"]: the engine's timer fires about every keepalive, and reads the quiet links first on one tick
     in two or three (warntime 500 ms over keepalive 200 ms), not on every one."""
     pair.wait_for("alpha", lambda s: group_owner(s) == "alpha", timeout=10)

@@ -221,3 +221,39 @@ def test_close_is_idempotent_and_ping_after_close_is_silent():
         assert replies == []
 
     run(body())
+
+
+def test_the_beat_pump_sends_prepared_pings_and_matches_their_replies_and_those_awaited():
+    """prepare() gives the pump an echo request and the reply it must see; awaited() the replies still due to
+    requests sent before (a plan that starts while a reply is on its way must not lose it)."""
+    from hastore.io import pump as P
+
+    if not P.available():
+        pytest.fail("hastore._pump is not built (setup.py; needs gcc and Python's headers)")
+
+    async def body():
+        p = Pinger()
+        await p.open()  # not watched: replies stay for drain() or the pump
+        pumped = P.Pump()
+        try:
+            for address in ("127.0.0.1", "::1"):
+                p.ping(address)  # sent by the loop: its reply is awaited, not yet read
+                await asyncio.sleep(0.05)
+                (fd, reply, source), = p.awaited(address, 8)
+                fd2, dest, request, reply2, source2 = p.prepare(address)
+                assert (fd2, source2) == (fd, source) and reply2 != reply
+                assert [r for _, r, _ in p.awaited(address, 8)] == [reply2, reply]  # newest first
+                now = time.monotonic()
+                pumped.start([(now + 0.02, 0, fd, dest, request)], [(fd, P.ICMP)],
+                             [(0, 0, -1, reply, source), (0, 1, -1, reply2, source)], [(now + 5, 1), (now + 5, 1)],
+                             now + 0.2, 0.2, None, 0)
+                await asyncio.sleep(0.3)
+                taken = pumped.stop()
+                assert taken.why == "the plan ended" and taken.sent == 1
+                assert sorted(e for e, _ in taken.matches) == [0, 1], taken  # the loop's request's, and its own
+                assert p.drain() == []  # the pump read them both
+        finally:
+            pumped.close()
+            p.close()
+
+    run(body())
