@@ -12,7 +12,7 @@ Then idle CPU (% of one core, all its threads, from /proc/PID/task/*/schedstat),
 guards' CPU, and for scale what a bare asyncio loop that passes one datagram per keepalive costs on the same
 machine, and one that makes the daemon's system calls and nothing else.
 
-Usage (root): python3 bench/detection.py [--trials 20] [--idle-seconds 60] [--pump]
+Usage (root): python3 bench/detection.py [--trials 20] [--idle-seconds 60] [--no-pump]
 """
 
 from __future__ import annotations
@@ -230,10 +230,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--idle-seconds", type=float, default=60)
-    ap.add_argument("--pump", action="store_true", help="run the daemons with the beat pump (HASTORE_PUMP=on)")
+    ap.add_argument("--no-pump", action="store_true", help="run the daemons without the beat pump (HASTORE_PUMP=off)")
     args = ap.parse_args()
-    if args.pump:
-        os.environ["HASTORE_PUMP"] = "on"  # the lab's daemons inherit it (hastore.lab.pair)
+    if args.no_pump:
+        os.environ["HASTORE_PUMP"] = "off"  # the lab's daemons inherit it (hastore.lab.pair)
     if os.geteuid() != 0:
         print("bench/detection.py needs root (network namespaces)", file=sys.stderr)
         return 2

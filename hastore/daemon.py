@@ -46,7 +46,7 @@ _OWN_LINE = ("rejected", "link-trouble", "unacknowledged")
 # least this often, and a daemon frozen while the pump runs stops beating (and petting its guard) by then.
 PUMP_HORIZON_S = 5.0
 AWAITED_PINGS = 8  # per ping node: echo requests sent before a plan whose replies it still matches
-PUMP_ENV = "HASTORE_PUMP"  # "on": use the beat pump (not yet the default: see the README)
+PUMP_ENV = "HASTORE_PUMP"  # "off": never use the beat pump (comparisons, see bench/detection.py)
 
 
 class _Batch:
@@ -104,7 +104,7 @@ class Daemon:
         self.handover = ""  # then: what the new image needs to take over the guard (HANDOVER_ENV)
         self.fenced = False  # the guard fenced this node: nothing more is decided, we exit once it is done
         self.farewell_key: tuple | None = None  # what the guard's farewell datagrams were made for
-        self.pump: pump.Pump | None = None  # the beat pump, when built and turned on (PUMP_ENV)
+        self.pump: pump.Pump | None = None  # the beat pump, when built and not turned off (PUMP_ENV)
         self.pumped: tuple[list, list, list] | None = None  # while it runs: its inputs, expectations, outputs
         self.pump_stats: Counter = Counter()  # plans handed to the pump, and why each ended (status' "pump")
         self.stall_ms = 0
@@ -161,7 +161,7 @@ class Daemon:
             self.pinger = Pinger()
             self.pinger.on_route = self._on_ping_route
             await self.pinger.open()  # replies are collected on the beat timer, see _on_timer
-        if pump.available() and os.environ.get(PUMP_ENV) == "on":
+        if pump.available() and os.environ.get(PUMP_ENV) != "off":
             self.pump = pump.Pump()
             loop.add_reader(self.pump.wake_fd, self._on_pump_wake)
         self.runner.start_launcher()
@@ -399,18 +399,14 @@ class Daemon:
         if self.pump is None or not self.pump.running:
             return
         taken = self.pump.stop()
+        if self.guard is not None and taken.last_pet:  # first: every feed below asks whether we stalled (_guard_ok)
+            self.guard.last_sent = max(self.guard.last_sent, taken.last_pet)
         owners, meaning, senders = self.pumped
         self.pumped = None
         self.pump_stats[taken.why] += 1
         self.engine.unplan(taken.sent)
         for t in self.transports.values():
             t.stats["sent"] += taken.sent
-        if taken.failed is not None and senders[taken.failed[0]] is not None:
-            # as if the loop had sent it: reported, and a link that cannot be used here is down (LinkState): no
-            # plan while it is (Transport.pumped), the loop's own sends find out when it is back
-            senders[taken.failed[0]].pump_failed(taken.failed[1])
-        if self.guard is not None and taken.last_pet:
-            self.guard.last_sent = max(self.guard.last_sent, taken.last_pet)
         packets = []
         with self.batch:
             for e, at in taken.matches:
@@ -429,6 +425,11 @@ class Daemon:
             # but garbage come from the peer, whose seq numbers grow), whichever link and way they came in
             for ev in packets:
                 self.feed(ev, drained=True)
+        if taken.failed is not None and senders[taken.failed[0]] is not None:
+            # Last, once what was heard is in: this report is decided on at once (LinkTrouble), and a decision on
+            # liveness as of the pump's start took a peer that was beating for dead. As if the loop had sent it:
+            # a link that cannot be used here is down (LinkState), and not left to the pump while it is
+            senders[taken.failed[0]].pump_failed(taken.failed[1])
 
     def _on_pump_wake(self) -> None:
         """The pump stopped on its own (see hastore.io.pump): a tick, with what it did taken in first."""

@@ -54,12 +54,12 @@ def test_both_nodes_see_each_other_on_both_links_and_one_holds_the_group(pair):
 
 
 @pytest.fixture
-def pumped(monkeypatch):
-    """Daemons started after this (the pair fixture, requested after it) use the beat pump (HASTORE_PUMP)."""
-    monkeypatch.setenv("HASTORE_PUMP", "on")
+def no_pump(monkeypatch):
+    """Daemons started after this (the pair fixture, requested after it) beat from their loop (HASTORE_PUMP)."""
+    monkeypatch.setenv("HASTORE_PUMP", "off")
 
 
-def test_with_the_pump_the_loop_leaves_its_beats_to_it_while_all_is_well(pumped, pair):
+def test_with_the_pump_the_loop_leaves_its_beats_to_it_while_all_is_well(pair):
     """status["timer"] and ["pump"]: the beats go out every keepalive while the engine's timer hardly fires."""
     pair.wait_for("alpha", lambda s: group_owner(s) == "alpha", timeout=10)
     before = pair.status("alpha")
@@ -76,7 +76,7 @@ def test_with_the_pump_the_loop_leaves_its_beats_to_it_while_all_is_well(pumped,
     assert not [e for e in pair.events("bravo") if e.get("event") == "rejected"]
 
 
-def test_without_the_pump_a_beat_tick_reads_the_quiet_links_only_now_and_then(pair):
+def test_without_the_pump_a_beat_tick_reads_the_quiet_links_only_now_and_then(no_pump, pair):
     """status["timer"]: the engine's timer fires about every keepalive, and reads the quiet links first on one tick
     in two or three (warntime 500 ms over keepalive 200 ms), not on every one."""
     pair.wait_for("alpha", lambda s: group_owner(s) == "alpha", timeout=10)
