@@ -22,6 +22,7 @@ from hastore.config.model import Config, LinkKind
 from hastore.core import actions as A
 from hastore.core import events as E
 from hastore.core.engine import Engine, GroupState
+from hastore.core.wire import SEQ_AT
 from hastore.io import log as hlog
 from hastore.io.agents import AgentRunner
 from hastore.io.control import ControlError, ControlServer
@@ -421,7 +422,7 @@ class Daemon:
                     packets += [E.PacketReceived(t.link.id, frame, at, True, True) for frame in t.frames(data)]
                 elif t is not None and data:
                     packets.append(E.PacketReceived(t.link.id, data, at, False, True))
-            packets.sort(key=lambda ev: bytes(ev.data[14:22]))  # the verifier's marks see them in sequence (all
+            packets.sort(key=lambda ev: bytes(ev.data[SEQ_AT]))  # the verifier's marks see them in sequence (all
             # but garbage come from the peer, whose seq numbers grow), whichever link and way they came in
             for ev in packets:
                 self.feed(ev, drained=True)

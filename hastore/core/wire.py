@@ -38,7 +38,7 @@ _U32 = 2**32 - 1
 _U64 = 2**64 - 1
 _HEADER = struct.Struct(">2sBBBBQQII")
 FLAGS_OFFSET = 5  # of the flags byte in a datagram: what the kernel's socket filters look at
-_SEQ_AT = slice(14, 22)  # of the seq field in a datagram
+SEQ_AT = slice(14, 22)  # of the seq field in a datagram (what the shell sorts packets read in bulk by)
 FLAG_NEWS = 0x01
 _KNOWN_FLAGS = FLAG_NEWS
 AUTHENTIC_KEPT = 8  # datagrams remembered as verified, for their copies over the other links
@@ -194,8 +194,8 @@ def successor(datagram: bytes, key: AuthKey, seq: int) -> bytes:
     MAC. The sender's engine repeats its last beat's body on every routine tick (Engine._routine_tick) and encodes
     equal bodies to equal bytes, so a receiver holding the key knows its peer's next routine beats before they
     come: a datagram equal to one of them is authentic without parsing it or computing its MAC when it comes."""
-    signed = b"".join((datagram[:FLAGS_OFFSET], b"\0", datagram[FLAGS_OFFSET + 1 : _SEQ_AT.start],
-                       seq.to_bytes(8, "big"), datagram[_SEQ_AT.stop : -MAC_SIZES[key.algorithm]]))
+    signed = b"".join((datagram[:FLAGS_OFFSET], b"\0", datagram[FLAGS_OFFSET + 1 : SEQ_AT.start],
+                       seq.to_bytes(8, "big"), datagram[SEQ_AT.stop : -MAC_SIZES[key.algorithm]]))
     return signed + _mac(key, signed)
 
 

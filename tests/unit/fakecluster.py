@@ -15,6 +15,7 @@ from hastore.config.model import (Auth, AuthAlgorithm, AuthKey, Config, Group, L
 from hastore.core import actions as A
 from hastore.core import events as E
 from hastore.core.engine import Engine
+from hastore.core.wire import SEQ_AT
 
 LINKS = ("ucast:eth1:peer", "serial:/dev/ttyS0")
 KEY = AuthKey(1, AuthAlgorithm.SHA256, b"secret")
@@ -127,7 +128,7 @@ class FakeCluster:
         node = self.nodes[name]
         node.engine.unplan(node.plan_sent)
         node.plan = None
-        heard = sorted(node.plan_heard.values(), key=lambda ev: ev.data[14:22] if hasattr(ev, "data") else b"")
+        heard = sorted(node.plan_heard.values(), key=lambda ev: ev.data[SEQ_AT] if hasattr(ev, "data") else b"")
         for ev in heard:
             self._handle(name, ev)
 
